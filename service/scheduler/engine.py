@@ -1,0 +1,128 @@
+"""Placement: a short list of candidates from SQL, weighed in Python, claimed atomically.
+
+The candidate query walks the ``(tdx_state, free_memory_mib)`` index from the policy's end
+(most free memory first to spread, least first to pack) with every filter's SQL form in the WHERE
+clause, and stops after ``candidate_limit`` rows: the cost of a placement does not grow with the
+fleet. Only when nothing fits does the scheduler count, over all hosts, why.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, replace
+
+from sqlalchemy import Select, and_, not_, select, union_all
+from sqlalchemy.orm import Session
+
+from service.clock import as_utc
+from service.hosts.readiness import TdxState
+from service.models import Host
+from service.scheduler.claims import try_claim
+from service.scheduler.filters import all_rejections
+from service.scheduler.types import Context, HostView, VmRequest
+from service.scheduler.weighers import Weighted, score
+
+# States whose hosts may run a VM of each kind (failed hosts only while kvm_intel is loaded).
+TDX_STATES = (TdxState.READY.value,)
+PLAIN_STATES = (
+    TdxState.DISABLED.value,
+    TdxState.UNSUPPORTED.value,
+    TdxState.FAILED.value,
+    TdxState.READY.value,
+)
+
+_HOST_COLUMNS = (
+    Host.id,
+    Host.name,
+    Host.tdx_state,
+    Host.vm_capable,
+    Host.last_heartbeat_at,
+    Host.schedulable,
+    Host.draining,
+    Host.vcpus,
+    Host.reserved_vcpus,
+    Host.cpu_allocation_ratio,
+    Host.used_vcpus,
+    Host.memory_mib,
+    Host.reserved_memory_mib,
+    Host.used_memory_mib,
+    Host.keyids_total,
+    Host.used_keyids,
+    Host.generation,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    policy: str
+    weighers: tuple[Weighted, ...]
+    candidate_limit: int = 16
+    # Random noise added to scores so that concurrent replicas rarely pick the same host.
+    jitter: float = 0.05
+    rounds: int = 3
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    host: HostView
+    score: float
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    host: HostView | None
+    conflicts: int
+    candidates: tuple[Candidate, ...]
+
+
+def _bucket(state: str, req: VmRequest, ctx: Context, cfg: SchedulerConfig) -> Select[tuple[object, ...]]:
+    passes = [not_(cond) for _, cond in all_rejections(req, ctx)]
+    order = Host.free_memory_mib.desc() if cfg.policy == "spread" else Host.free_memory_mib.asc()
+    return (
+        select(*_HOST_COLUMNS)
+        .where(and_(Host.tdx_state == state, *passes))
+        .order_by(order)
+        .limit(cfg.candidate_limit)
+    )
+
+
+def shortlist(session: Session, req: VmRequest, ctx: Context, cfg: SchedulerConfig) -> list[HostView]:
+    states = TDX_STATES if req.tdx else PLAIN_STATES
+    if len(states) == 1:
+        stmt: Select[tuple[object, ...]] = _bucket(states[0], req, ctx, cfg)
+        rows = session.execute(stmt).all()
+    else:
+        parts = [select(_bucket(s, req, ctx, cfg).subquery()) for s in states]
+        rows = session.execute(union_all(*parts)).all()
+    return [_view(row) for row in rows]
+
+
+def _view(row: object) -> HostView:
+    view = HostView(*row)  # type: ignore[misc]
+    if view.last_heartbeat_at is not None and view.last_heartbeat_at.tzinfo is None:
+        view = replace(view, last_heartbeat_at=as_utc(view.last_heartbeat_at))
+    return view
+
+
+def rank(hosts: list[HostView], req: VmRequest, cfg: SchedulerConfig, rng: random.Random) -> list[Candidate]:
+    scored = [Candidate(h, score(h, req, cfg.weighers)) for h in hosts]
+    noise = {c.host.id: rng.random() * cfg.jitter for c in scored}
+    scored.sort(key=lambda c: (-(c.score + noise[c.host.id]), c.host.name))
+    return scored
+
+
+def place(
+    session: Session, req: VmRequest, ctx: Context, cfg: SchedulerConfig, rng: random.Random
+) -> Placement:
+    """Claim a host for ``req`` in the caller's transaction, or return ``host=None``."""
+    conflicts = 0
+    ranked: list[Candidate] = []
+    for _ in range(cfg.rounds):
+        ranked = rank(shortlist(session, req, ctx, cfg), req, cfg, rng)
+        if not ranked:
+            break
+        for cand in ranked:
+            if try_claim(session, cand.host, req):
+                return Placement(cand.host, conflicts, tuple(ranked))
+            conflicts += 1
+    return Placement(None, conflicts, tuple(ranked))

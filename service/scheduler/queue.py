@@ -1,0 +1,106 @@
+"""The pending queue: pending VMs are retried, highest priority then oldest first, as soon as
+capacity may have changed (``capacity_signal``) and on a slow tick; past its deadline a VM fails
+with its last explanation.
+
+Safe with several replicas: each VM is retried in its own short transaction that first locks the
+VM row with ``FOR UPDATE SKIP LOCKED`` (PostgreSQL), so two replicas never work on the same VM;
+placement itself is the same atomic claim as for a new VM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import uuid
+from datetime import timedelta
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from service.clock import as_utc, utcnow
+from service.db import Database
+from service.hosts.service import report_stale_hosts
+from service.models import Vm
+from service.signals import Signal
+from service.vms.lifecycle import Action, VmStatus
+from service.vms.service import PlacementSettings, apply_action, emit_vm_event, purge_idempotency_keys, try_place
+
+log = logging.getLogger("tdx.queue")
+
+BATCH = 500
+# A pending VM's explanation is refreshed at most this often when a retry fails again.
+REEXPLAIN_AFTER = timedelta(seconds=30)
+
+
+def _pending_ids(session: Session) -> list[uuid.UUID]:
+    return list(
+        session.scalars(
+            select(Vm.id)
+            .where(Vm.status == VmStatus.PENDING.value)
+            .order_by(Vm.priority.desc(), Vm.created_at, Vm.id)
+            .limit(BATCH)
+        ).all()
+    )
+
+
+def _retry_one(session: Session, vm_id: uuid.UUID, ps: PlacementSettings, rng: random.Random) -> str:
+    vm = session.scalars(
+        select(Vm)
+        .where(Vm.id == vm_id, Vm.status == VmStatus.PENDING.value)
+        .with_for_update(skip_locked=True)
+    ).first()
+    if vm is None:
+        return "gone"
+    now = utcnow()
+    if as_utc(vm.deadline) <= now:
+        apply_action(session, vm, Action.DEADLINE, f"no host within the deadline: {vm.explanation}")
+        return "failed"
+    explain = now - as_utc(vm.updated_at) >= REEXPLAIN_AFTER
+    if try_place(session, vm, ps, rng, now, explain=explain):
+        emit_vm_event(session, "vm.scheduled", vm)
+        return "scheduled"
+    return "pending"
+
+
+def run_pass(db: Database, ps: PlacementSettings, rng: random.Random) -> dict[str, int]:
+    """One sweep over the queue. Each VM in its own transaction."""
+    outcome: dict[str, int] = {}
+    ids = db.run_sync(_pending_ids, write=False)
+    for vm_id in ids:
+        result = db.run_sync(lambda s, v=vm_id: _retry_one(s, v, ps, rng))  # type: ignore[misc]
+        outcome[result] = outcome.get(result, 0) + 1
+    return outcome
+
+
+def housekeeping(db: Database, ps: PlacementSettings) -> None:
+    db.run_sync(lambda s: report_stale_hosts(s, ps.heartbeat_timeout_s))
+    db.run_sync(lambda s: purge_idempotency_keys(s, ps.idempotency_ttl_s))
+
+
+async def run_forever(
+    db: Database, ps: PlacementSettings, signal_wait: Signal, tick_s: float, rng: random.Random
+) -> None:
+    import anyio.to_thread
+
+    last_housekeeping = 0.0
+    loop = asyncio.get_running_loop()
+    while True:
+        seen = signal_wait.version
+        try:
+            if db.is_sqlite:
+                run_pass(db, ps, rng)
+            else:
+                await anyio.to_thread.run_sync(run_pass, db, ps, rng)
+            if loop.time() - last_housekeeping >= tick_s:
+                last_housekeeping = loop.time()
+                if db.is_sqlite:
+                    housekeeping(db, ps)
+                else:
+                    await anyio.to_thread.run_sync(housekeeping, db, ps)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("pending-queue pass failed; retrying on the next tick")
+        await signal_wait.wait(seen, tick_s)
+
