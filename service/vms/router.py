@@ -43,11 +43,13 @@ async def create_vm(
     ctx: AppContext = get_context(request)
     started = time.perf_counter()
 
-    def _create(s: Session) -> tuple[VmOut, bool]:
+    def _create(s: Session) -> tuple[VmOut, bool, int]:
         vm, created = service.create_vm(s, body, principal, ctx.placement, ctx.rng, idempotency_key)
-        return service.vm_out(vm), created
+        return service.vm_out(vm), created, s.info.get(service.CLAIM_CONFLICTS, 0)
 
-    vm, created = await ctx.db.run(_create)
+    vm, created, conflicts = await ctx.db.run(_create)
+    if conflicts:
+        ctx.metrics.claim_conflicts.inc(conflicts)
     if created:
         ctx.metrics.placement_seconds.observe(time.perf_counter() - started)
         ctx.metrics.placements.labels(result=vm.status.value).inc()

@@ -29,6 +29,8 @@ from service.vms.lifecycle import EVENT_KIND, Action, InvalidTransition, VmStatu
 from service.vms.schemas import VmCreate, VmOut, VmStatusReport
 
 DEFAULT_PROJECT = "default"
+# Session key under which placements count the claims they lost to concurrent placements.
+CLAIM_CONFLICTS = "tdx_claim_conflicts"
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +119,7 @@ def try_place(
     req = vm_request(vm)
     ctx = placement_context(now, ps.heartbeat_timeout_s)
     placement = place(session, req, ctx, ps.scheduler, rng)
+    session.info[CLAIM_CONFLICTS] = session.info.get(CLAIM_CONFLICTS, 0) + placement.conflicts
     if placement.host is None and not explain:
         return False
     vm.updated_at = now
