@@ -1,0 +1,126 @@
+"""The real app served by uvicorn on 127.0.0.1 for the agent, and helpers to drive it over HTTP.
+
+``live_server`` yields ``(base_url, admin_token)`` of a fresh server on a fresh migrated database
+(SQLite, and PostgreSQL when TDX_TEST_POSTGRES_URL is set).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from fastapi import FastAPI
+
+from service.app import create_app
+from tests.conftest import ADMIN_TOKEN, make_settings
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "hosts"
+CASES = sorted(p.name for p in FIXTURES.iterdir() if p.is_dir())
+
+
+def loopback_socket() -> socket.socket:
+    """A socket bound to a free loopback port, not yet listening: connections to it are refused."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+def url_of(sock: socket.socket) -> str:
+    return f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+@contextlib.contextmanager
+def serve(app: FastAPI, sock: socket.socket) -> Iterator[str]:
+    """Serve ``app`` on ``sock`` in a background thread until the block ends; yields the base URL."""
+    sock.listen(128)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=2))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        started = threading.Event()
+        while not server.started:
+            if not thread.is_alive():
+                pytest.fail("uvicorn stopped while starting")
+            started.wait(0.01)
+        yield url_of(sock)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+@pytest.fixture
+def app(database_url: str) -> Iterator[FastAPI]:
+    application = create_app(make_settings(database_url))
+    yield application
+    application.state.ctx.db.dispose()
+
+
+@pytest.fixture
+def live_server(app: FastAPI) -> Iterator[tuple[str, str]]:
+    sock = loopback_socket()
+    try:
+        with serve(app, sock) as url:
+            yield url, ADMIN_TOKEN
+    finally:
+        sock.close()
+
+
+class Admin:
+    """Admin calls over plain HTTP, to set up and inspect what the agent did."""
+
+    def __init__(self, base_url: str, token: str) -> None:
+        self.http = httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {token}"}, timeout=30)
+
+    def ok(self, method: str, path: str, status: int = 200, **kwargs: Any) -> Any:
+        r = self.http.request(method, path, **kwargs)
+        assert r.status_code == status, f"{method} {path}: {r.status_code} {r.text}"
+        return r.json() if r.content else None
+
+    def host_with_agent(self, name: str, vcpus: int = 8, memory_mib: int = 16384) -> str:
+        """Register a host; return a new agent token bound to it."""
+        self.ok("POST", "/v1/hosts", 201, json={"name": name, "vcpus": vcpus, "memory_mib": memory_mib})
+        token: str = self.ok("POST", "/v1/tokens", 201, json={"role": "agent", "host": name})["token"]
+        return token
+
+    def host(self, name: str) -> dict[str, Any]:
+        body: dict[str, Any] = self.ok("GET", f"/v1/hosts/{name}")
+        return body
+
+    def loads(self, name: str) -> list[dict[str, Any]]:
+        items: list[dict[str, Any]] = self.ok("GET", f"/v1/hosts/{name}/loads")["items"]
+        return items
+
+    def vm(self, vm_id: str) -> dict[str, Any]:
+        body: dict[str, Any] = self.ok("GET", f"/v1/vms/{vm_id}")
+        return body
+
+    def close(self) -> None:
+        self.http.close()
+
+
+@pytest.fixture
+def admin(live_server: tuple[str, str]) -> Iterator[Admin]:
+    client = Admin(*live_server)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def host_copy(tmp_path: Path) -> Any:
+    """``host_copy(case)``: a writable copy of a fixture host tree, to change under the agent."""
+
+    def copy(case: str) -> Path:
+        root = tmp_path / "hosts" / case
+        shutil.copytree(FIXTURES / case, root)
+        return root
+
+    return copy
