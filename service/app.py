@@ -17,6 +17,7 @@ from service import __version__
 from service.auth import TokenCache, hash_secret
 from service.config import Settings, get_settings
 from service.context import AppContext, get_context
+from service.dashboard import router as dashboard_router
 from service.db import Database, make_engine
 from service.errors import install_error_handlers, problem_response
 from service.events import PostgresListener, signal_committed_events, write_pending_events
@@ -38,7 +39,13 @@ log = logging.getLogger("tdx.app")
 
 def build_context(settings: Settings, db: Database | None = None) -> AppContext:
     if db is None:
-        db = Database(make_engine(settings.database_url, sqlite_synchronous=settings.sqlite_synchronous))
+        db = Database(
+            make_engine(
+                settings.database_url,
+                sqlite_synchronous=settings.sqlite_synchronous,
+                pool_size=settings.db_pool_size,
+            )
+        )
     placement = PlacementSettings(
         heartbeat_timeout_s=settings.heartbeat_timeout_s,
         schedule_timeout_s=settings.schedule_timeout_s,
@@ -121,6 +128,7 @@ def create_app(settings: Settings | None = None, db: Database | None = None) -> 
     app.include_router(vms_router)
     app.include_router(scheduling_router)
     app.include_router(events_router)
+    app.include_router(dashboard_router)
 
     @app.get("/healthz", tags=["operations"])
     async def healthz() -> dict[str, str]:

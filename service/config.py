@@ -18,6 +18,8 @@ class Settings(BaseSettings):
     # SQLite durability: FULL fsyncs the WAL on every commit, so an acknowledged write survives
     # power loss; NORMAL survives process crashes only.
     sqlite_synchronous: Literal["FULL", "NORMAL"] = "FULL"
+    # PostgreSQL connections per replica (also the number of concurrent database transactions).
+    db_pool_size: int = Field(default=10, ge=1, le=200)
     cpu_allocation_ratio: float = Field(default=4.0, gt=0)
     placement_policy: Literal["spread", "pack"] = "spread"
     tdx_affinity_multiplier: float = Field(default=2.0, ge=0)

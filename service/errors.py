@@ -67,7 +67,16 @@ def install_error_handlers(app: FastAPI) -> None:
         return problem_response(exc.status, exc.code, exc.detail, headers=headers, **exc.extra)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI parses and validates the body before it resolves dependencies, so a caller
+        # without a valid token would learn about the schema before being told 401.
+        if request.url.path.startswith("/v1/"):
+            from service.auth import current_principal
+
+            try:
+                await current_principal(request)
+            except ProblemError as auth_error:
+                return await _problem(request, auth_error)
         errors = [
             {"loc": _loc(err.get("loc", ())), "msg": str(err.get("msg", "")), "type": err.get("type")}
             for err in exc.errors()

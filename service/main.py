@@ -67,6 +67,9 @@ def main(argv: list[str] | None = None) -> None:
         access_log=False,
         log_level="info",
         proxy_headers=False,
+        # Event streams stay open for as long as their clients like; don't let them hold a
+        # shutdown hostage.
+        timeout_graceful_shutdown=5,
     )
 
 

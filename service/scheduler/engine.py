@@ -9,14 +9,17 @@ fleet. Only when nothing fits does the scheduler count, over all hosts, why.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, replace
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import Select, and_, not_, select, union_all
+from sqlalchemy import BigInteger, Integer, Select, String, and_, bindparam, not_, select, union_all
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.expression import Executable
 
 from service.clock import as_utc
 from service.hosts.readiness import TdxState
-from service.models import Host
+from service.models import Host, UTCDateTime
 from service.scheduler.claims import try_claim
 from service.scheduler.filters import all_rejections
 from service.scheduler.types import Context, HostView, VmRequest
@@ -86,22 +89,65 @@ def _bucket(state: str, req: VmRequest, ctx: Context, cfg: SchedulerConfig) -> S
     )
 
 
-def shortlist(session: Session, req: VmRequest, ctx: Context, cfg: SchedulerConfig) -> list[HostView]:
+def _build_shortlist(req: VmRequest, ctx: Context, cfg: SchedulerConfig) -> Executable:
     states = TDX_STATES if req.tdx else PLAIN_STATES
     if len(states) == 1:
-        stmt: Select[tuple[object, ...]] = _bucket(states[0], req, ctx, cfg)
-        rows = session.execute(stmt).all()
-    else:
-        parts = [select(_bucket(s, req, ctx, cfg).subquery()) for s in states]
-        rows = session.execute(union_all(*parts)).all()
+        return _bucket(states[0], req, ctx, cfg)
+    return union_all(*[select(_bucket(s, req, ctx, cfg).subquery()) for s in states])
+
+
+# Shortlist statements are built once per request shape, with the request's values as bound
+# parameters: building the expression tree and its cache key cost far more than running it.
+_ShapeKey = tuple[bool, str, int, int, bool]
+_shortlists: dict[_ShapeKey, Executable] = {}
+_TEMPLATE_CTX = Context(alive_after=bindparam("alive_after", type_=UTCDateTime))  # type: ignore[arg-type]
+
+
+def _shape(req: VmRequest, cfg: SchedulerConfig) -> _ShapeKey:
+    return (req.tdx, cfg.policy, cfg.candidate_limit, len(req.selector), req.anti_affinity_group is not None)
+
+
+def _shortlist_params(req: VmRequest, ctx: Context) -> dict[str, object]:
+    params: dict[str, object] = {"vcpus": req.vcpus, "memory_mib": req.memory_mib, "alive_after": ctx.alive_after}
+    if req.anti_affinity_group is not None:
+        params["group"] = req.anti_affinity_group
+    for i, (key, value) in enumerate(req.selector):
+        params[f"label_key_{i}"] = key
+        params[f"label_value_{i}"] = value
+    return params
+
+
+def _cached_shortlist(req: VmRequest, cfg: SchedulerConfig) -> Executable:
+    shape = _shape(req, cfg)
+    stmt = _shortlists.get(shape)
+    if stmt is None:
+        template = VmRequest(
+            vcpus=bindparam("vcpus", type_=Integer),  # type: ignore[arg-type]
+            memory_mib=bindparam("memory_mib", type_=BigInteger),  # type: ignore[arg-type]
+            tdx=req.tdx,
+            selector=tuple(
+                (bindparam(f"label_key_{i}", type_=String), bindparam(f"label_value_{i}", type_=String))  # type: ignore[misc]
+                for i in range(len(req.selector))
+            ),
+            anti_affinity_group=None if req.anti_affinity_group is None else bindparam("group", type_=String),  # type: ignore[arg-type]
+        )
+        stmt = _build_shortlist(template, _TEMPLATE_CTX, cfg)
+        _shortlists[shape] = stmt
+    return stmt
+
+
+def shortlist(session: Session, req: VmRequest, ctx: Context, cfg: SchedulerConfig) -> list[HostView]:
+    if session.new or session.dirty or session.deleted:
+        session.flush()  # what autoflush would do: the query sees this transaction's pending changes
+    rows = session.connection().execute(_cached_shortlist(req, cfg), _shortlist_params(req, ctx)).all()
     return [_view(row) for row in rows]
 
 
-def _view(row: object) -> HostView:
-    view = HostView(*row)  # type: ignore[misc]
-    if view.last_heartbeat_at is not None and view.last_heartbeat_at.tzinfo is None:
-        view = replace(view, last_heartbeat_at=as_utc(view.last_heartbeat_at))
-    return view
+def _view(row: Sequence[Any]) -> HostView:
+    seen = row[4]
+    if seen is not None and seen.tzinfo is None:
+        seen = as_utc(seen)
+    return HostView(row[0], row[1], row[2], row[3], seen, *row[5:])
 
 
 def rank(hosts: list[HostView], req: VmRequest, cfg: SchedulerConfig, rng: random.Random) -> list[Candidate]:

@@ -10,6 +10,7 @@ placement itself is the same atomic claim as for a new VM.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import uuid
@@ -63,44 +64,33 @@ def _retry_one(session: Session, vm_id: uuid.UUID, ps: PlacementSettings, rng: r
     return "pending"
 
 
-def run_pass(db: Database, ps: PlacementSettings, rng: random.Random) -> dict[str, int]:
-    """One sweep over the queue. Each VM in its own transaction."""
+async def run_pass(db: Database, ps: PlacementSettings, rng: random.Random) -> dict[str, int]:
+    """One sweep over the queue, each VM in its own transaction (and, on SQLite, the event loop
+    serves requests between them)."""
     outcome: dict[str, int] = {}
-    ids = db.run_sync(_pending_ids, write=False)
-    for vm_id in ids:
-        result = db.run_sync(lambda s, v=vm_id: _retry_one(s, v, ps, rng))  # type: ignore[misc]
+    for vm_id in await db.run(_pending_ids, write=False):
+        result = await db.run(functools.partial(_retry_one, vm_id=vm_id, ps=ps, rng=rng))
         outcome[result] = outcome.get(result, 0) + 1
     return outcome
 
 
-def housekeeping(db: Database, ps: PlacementSettings) -> None:
-    db.run_sync(lambda s: report_stale_hosts(s, ps.heartbeat_timeout_s))
-    db.run_sync(lambda s: purge_idempotency_keys(s, ps.idempotency_ttl_s))
+async def housekeeping(db: Database, ps: PlacementSettings) -> None:
+    await db.run(functools.partial(report_stale_hosts, timeout_s=ps.heartbeat_timeout_s))
+    await db.run(functools.partial(purge_idempotency_keys, ttl_s=ps.idempotency_ttl_s))
 
 
-async def run_forever(
-    db: Database, ps: PlacementSettings, signal_wait: Signal, tick_s: float, rng: random.Random
-) -> None:
-    import anyio.to_thread
-
-    last_housekeeping = 0.0
+async def run_forever(db: Database, ps: PlacementSettings, signal: Signal, tick_s: float, rng: random.Random) -> None:
     loop = asyncio.get_running_loop()
+    last_housekeeping = -tick_s
     while True:
-        seen = signal_wait.version
+        seen = signal.version
         try:
-            if db.is_sqlite:
-                run_pass(db, ps, rng)
-            else:
-                await anyio.to_thread.run_sync(run_pass, db, ps, rng)
+            await run_pass(db, ps, rng)
             if loop.time() - last_housekeeping >= tick_s:
                 last_housekeeping = loop.time()
-                if db.is_sqlite:
-                    housekeeping(db, ps)
-                else:
-                    await anyio.to_thread.run_sync(housekeeping, db, ps)
+                await housekeeping(db, ps)
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("pending-queue pass failed; retrying on the next tick")
-        await signal_wait.wait(seen, tick_s)
-
+        await signal.wait(seen, tick_s)
