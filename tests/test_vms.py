@@ -196,7 +196,9 @@ def test_agent_reports_follow_the_state_machine(api: Api) -> None:
     api.ready_host("h")
     agent = api.token("agent", host="h")
     vm = api.create_vm(name="r").json()
-    failed = api.client.post(f"/v1/vms/{vm['id']}/status", json={"status": "failed", "detail": "qemu died"}, headers=agent)
+    failed = api.client.post(
+        f"/v1/vms/{vm['id']}/status", json={"status": "failed", "detail": "qemu died"}, headers=agent
+    )
     assert failed.status_code == 200
     assert (failed.json()["status"], failed.json()["status_detail"]) == ("failed", "qemu died")
     assert _host(api, "h")["usage"]["vms"] == 0
