@@ -1,0 +1,164 @@
+"""Operations (API.md, Operations): health, readiness, metrics, OpenAPI, request ids, first start."""
+
+from __future__ import annotations
+
+import re
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+import service.main
+from service.app import create_app
+from service.config import Settings
+from tests.conftest import POSTGRES_URL, Api, make_settings
+from tests.helpers import assert_problem
+
+
+def test_healthz(api: Api) -> None:
+    r = api.client.get("/healthz")
+    assert r.status_code == 200
+    assert r.json() == {"status": "ok"}
+
+
+def test_readyz_when_the_database_answers(api: Api) -> None:
+    r = api.client.get("/readyz")
+    assert r.status_code == 200
+    assert r.json()["status"] == "ready"
+
+
+def _closed_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port  # nothing listens there once the socket is closed
+
+
+def _unreachable_urls(tmp: Path) -> list[str]:
+    urls = [f"sqlite:///{tmp / 'missing-dir' / 'nested' / 'tdx.db'}"]
+    if POSTGRES_URL:
+        urls.append(f"postgresql+psycopg://postgres@127.0.0.1:{_closed_port()}/test?connect_timeout=2")
+    return urls
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def unreachable_client(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[TestClient]:
+    if request.param == "postgres" and not POSTGRES_URL:
+        pytest.skip("TDX_TEST_POSTGRES_URL is not set")
+    url = _unreachable_urls(tmp_path)[0 if request.param == "sqlite" else 1]
+    app = create_app(make_settings(url, run_background_tasks=False))
+    with TestClient(app, raise_server_exceptions=False) as client:
+        yield client
+    app.state.ctx.db.dispose()
+
+
+def test_readyz_is_503_when_the_database_is_unreachable(unreachable_client: TestClient) -> None:
+    r = unreachable_client.get("/readyz")
+    assert_problem(r, 503, "database_unavailable")
+    # The process itself is up.
+    assert unreachable_client.get("/healthz").status_code == 200
+
+
+def test_metrics_are_prometheus_text_with_tdx_metrics(api: Api) -> None:
+    api.ready_host("node-1", keyids=15)
+    api.ready_host("node-2", "disabled")
+    assert api.create_vm(name="td-1").json()["status"] == "scheduled"
+    assert api.create_vm(name="big", vcpus=4096).json()["status"] == "pending"
+    r = api.client.get("/metrics")
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/plain")
+    text = r.text
+    for name in ("tdx_hosts", "tdx_vms_pending", "tdx_keyids_total", "tdx_keyids_used", "tdx_http_requests_total",
+                 "tdx_placements_total", "tdx_placement_seconds_bucket"):
+        assert re.search(rf"^{name}[{{ ]", text, re.M), name
+    assert re.search(r'^tdx_hosts\{tdx_state="ready"\} 1\.0$', text, re.M)
+    assert re.search(r'^tdx_hosts\{tdx_state="disabled"\} 1\.0$', text, re.M)
+    assert re.search(r"^tdx_keyids_total 30\.0$", text, re.M)  # disabled hosts also report KeyIDs
+    assert re.search(r"^tdx_keyids_used 1\.0$", text, re.M)
+    assert re.search(r"^tdx_vms_pending 1\.0$", text, re.M)
+    assert re.search(r'^tdx_placements_total\{result="scheduled"\} 1\.0$', text, re.M)
+    for line in text.splitlines():
+        assert line.startswith("#") or re.match(r"^[a-zA-Z_:][a-zA-Z0-9_:]*(\{.*\})? \S+$", line), line
+
+
+def test_openapi_and_docs(api: Api) -> None:
+    r = api.client.get("/openapi.json")
+    assert r.status_code == 200
+    spec = r.json()
+    assert spec["openapi"].startswith("3.")
+    paths = spec["paths"]
+    for path, methods in {
+        "/v1/hosts": {"get", "post"},
+        "/v1/hosts/{name}": {"get", "patch", "delete"},
+        "/v1/hosts/{name}/drain": {"post"},
+        "/v1/hosts/{name}/loads": {"get", "post"},
+        "/v1/hosts/{name}/heartbeat": {"post"},
+        "/v1/tokens": {"get", "post"},
+        "/v1/tokens/{token_id}": {"delete"},
+        "/v1/events": {"get"},
+        "/v1/events/stream": {"get"},
+        "/healthz": {"get"},
+        "/readyz": {"get"},
+    }.items():
+        assert path in paths, path
+        assert methods <= set(paths[path]), (path, set(paths[path]))
+    assert api.client.get("/docs").status_code == 200
+
+
+def test_request_id_is_echoed(api: Api) -> None:
+    for path, headers in (("/healthz", {}), ("/v1/hosts", api.admin), ("/v1/hosts/ghost", api.admin),
+                          ("/v1/hosts", {})):
+        r = api.client.get(path, headers={**headers, "X-Request-ID": "req-42.abc:1"})
+        assert r.headers["x-request-id"] == "req-42.abc:1", path
+
+
+def test_request_id_is_generated_when_absent_or_unusable(api: Api) -> None:
+    seen = set()
+    for value in (None, "", "has spaces", "x" * 200, "quote\"s"):
+        headers = {} if value is None else {"X-Request-ID": value}
+        r = api.client.get("/healthz", headers=headers)
+        rid = r.headers.get("x-request-id")
+        assert rid and rid != value and re.fullmatch(r"[A-Za-z0-9._:-]{1,128}", rid)
+        seen.add(rid)
+    assert len(seen) == 5
+
+
+def test_request_id_on_a_refused_body(api: Api) -> None:
+    r = api.client.post("/v1/hosts", content=b"x" * (1024 * 1024 + 1),
+                        headers={**api.admin, "X-Request-ID": "big-one"})
+    assert r.status_code == 413
+    assert r.headers["x-request-id"] == "big-one"
+
+
+# ---- first start: the bootstrap admin token --------------------------------------------------
+
+
+def test_serve_prints_the_admin_token_only_at_first_start(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 'fresh.db'}", admin_token=None)
+    service.main._prepare(settings)
+    first = capsys.readouterr().out
+    tokens = re.findall(r"\btdx_[A-Za-z0-9_-]{20,}", first)
+    assert len(tokens) == 1, first
+    service.main._prepare(settings)
+    second = capsys.readouterr().out
+    assert tokens[0] not in second
+    assert "tdx_" not in second
+
+    # The printed token is an admin token of that database.
+    app = create_app(make_settings(settings.database_url, admin_token=None))
+    with TestClient(app) as client:
+        r = client.get("/v1/tokens", headers={"Authorization": f"Bearer {tokens[0]}"})
+        assert r.status_code == 200, r.text
+        assert [t["role"] for t in r.json()["items"]] == ["admin"]
+        assert client.get("/v1/tokens", headers={"Authorization": "Bearer tdx_guess"}).status_code == 401
+    app.state.ctx.db.dispose()
+
+
+def test_serve_with_an_admin_token_prints_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 'fresh.db'}", admin_token="tdx_from-the-environment")
+    service.main._prepare(settings)
+    assert "tdx_" not in capsys.readouterr().out
