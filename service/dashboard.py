@@ -63,11 +63,11 @@ def _serve(name: str) -> Response:
     return Response(body, media_type=CONTENT_TYPES[_suffix(name)], headers=SECURITY_HEADERS)
 
 
-@router.get("/dashboard")
+@router.api_route("/dashboard", methods=["GET", "HEAD"])
 async def dashboard() -> Response:
     return _serve(INDEX)
 
 
-@router.get("/dashboard/static/{name}")
+@router.api_route("/dashboard/static/{name}", methods=["GET", "HEAD"])
 async def dashboard_asset(name: str) -> Response:
     return _serve(name)

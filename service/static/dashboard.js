@@ -230,7 +230,9 @@
     cell(row, tdxBadge(host.tdx.state));
     const reason = cell(row, host.tdx.reason, host.tdx.reason ? "reason" : "reason muted");
     if (host.tdx.module_version) reason.title = `TDX module ${host.tdx.module_version}`;
-    const alive = cell(row, el("span", host.alive ? "pill ok" : "pill bad", host.alive ? "alive" : "stale"));
+    const never = !host.alive && !host.last_heartbeat_at;
+    const liveness = host.alive ? ["pill ok", "alive"] : never ? ["pill off", "never seen"] : ["pill bad", "stale"];
+    const alive = cell(row, el("span", liveness[0], liveness[1]));
     alive.title = host.last_heartbeat_at ? `last heartbeat ${host.last_heartbeat_at}` : "never heard from";
     cell(row, scheduling(host));
     const keyids = cell(row, usageBar(host.tdx.keyids_used, host.tdx.keyids_total), "num");
