@@ -11,6 +11,7 @@ from service.config import Settings, get_settings
 
 def _configure_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
 
 
 def _prepare(settings: Settings) -> None:

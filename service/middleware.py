@@ -109,7 +109,7 @@ class RequestLogMiddleware:
             await self.app(scope, receive, send_with_id)
         finally:
             self.metrics.requests.labels(method=scope["method"], status=str(status)).inc()
-            if self.enabled:
+            if self.enabled and scope["path"] != "/healthz":  # probes every few seconds
                 record: dict[str, Any] = {
                     "request_id": request_id,
                     "method": scope["method"],

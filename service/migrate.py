@@ -17,12 +17,13 @@ from sqlalchemy import Connection, Engine, text
 from sqlalchemy.engine import make_url
 
 MIGRATION_LOCK = 0x7464_786D_6967  # "tdxmig"
-ROOT = Path(__file__).resolve().parent.parent
+# Inside the package, so that every install (wheel, image) carries its migrations.
+SCRIPTS = Path(__file__).resolve().parent / "migrations"
 
 
 def alembic_config(url: str) -> Config:
-    cfg = Config(str(ROOT / "alembic.ini")) if (ROOT / "alembic.ini").exists() else Config()
-    cfg.set_main_option("script_location", str(ROOT / "migrations"))
+    cfg = Config()
+    cfg.set_main_option("script_location", str(SCRIPTS))
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     return cfg
 

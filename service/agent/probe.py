@@ -10,7 +10,8 @@ boot_id                proc/sys/kernel/random/boot_id                           
 kernel                 proc/sys/kernel/osrelease                                   ``"unknown"``
 tdx_platform           ``tdx_host_platform`` in the ``flags`` of proc/cpuinfo       ``False``
 kvm_intel_loaded       sys/module/kvm_intel/ exists                                ``False``
-tdx_requested          ``kvm_intel.tdx=`` on proc/cmdline, else ``options kvm_intel ``False``
+tdx_requested          effective (below), or ``kvm_intel.tdx=`` on proc/cmdline,     ``False``
+                       else ``options kvm_intel
                        tdx=`` in etc/modprobe.d/*.conf (and the other modprobe.d
                        directories)
 tdx_effective          sys/module/kvm_intel/parameters/tdx is ``Y``                 ``False``
@@ -307,7 +308,10 @@ def probe(root: Path | str = "/", kernel_log: str | None = None, *, read_log: bo
         kernel=kernel[:255] or UNKNOWN,
         kvm_intel_loaded=loaded,
         tdx_platform="tdx_host_platform" in cpu_flags(_read(root, "proc/cpuinfo") or ""),
-        tdx_requested=tdx_requested(_read(root, "proc/cmdline") or "", modprobe_texts(root)),
+        # tdx=Y in sysfs proves it was asked for, even by a bare `modprobe kvm_intel tdx=1`
+        # that left no trace in the command line or modprobe.d.
+        tdx_requested=(loaded and effective)
+        or tdx_requested(_read(root, "proc/cmdline") or "", modprobe_texts(root)),
         tdx_effective=loaded and effective,
         keyids_total=misc_resource(_read(root, "sys/fs/cgroup/misc.capacity") or ""),
         keyids_in_use=misc_resource(_read(root, "sys/fs/cgroup/misc.current") or ""),

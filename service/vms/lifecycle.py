@@ -3,7 +3,7 @@
     pending -> scheduled -> running -> deleting -> deleted
        |          |           |           (agent confirms)
        +-> failed (deadline)  +-> failed / deleted (agent reports)
-    scheduled|running|deleting -> lost (the host rebooted)
+    scheduled|running -> lost, deleting -> deleted (the host rebooted)
 """
 
 from __future__ import annotations

@@ -285,3 +285,17 @@ def test_boot_id() -> None:
     assert p.boot_id("5d21a4e3-2e27-4116-a3bb-0d0f1891bd77\n") == "5d21a4e3-2e27-4116-a3bb-0d0f1891bd77"
     assert p.boot_id(None) == "unknown"
     assert p.boot_id("not a boot id") == "unknown"
+
+
+def test_tdx_on_in_sysfs_counts_as_requested_without_a_trace_in_config(tmp_path: Path) -> None:
+    """`modprobe kvm_intel tdx=1` by hand leaves nothing in the command line or modprobe.d."""
+    import shutil
+
+    root = tmp_path / "root"
+    shutil.copytree(FIXTURES / "ready-cmdline", root)
+    cmdline = root / "proc/cmdline"
+    cmdline.write_text(cmdline.read_text().replace(" kvm_intel.tdx=1", ""))
+    for conf in (root / "etc/modprobe.d").glob("*.conf"):
+        conf.unlink()
+    facts = p.probe(root, kernel_log=root / "kmsg.log")
+    assert facts.tdx_effective and facts.tdx_requested
