@@ -35,8 +35,10 @@ from service.models import Event
 
 log = logging.getLogger("tdx.events")
 
+# Both are per schema: deployments (or test runs) sharing one PostgreSQL database in different
+# schemas neither wait on each other's event writes nor wake each other's listeners.
 NOTIFY_CHANNEL = "tdx_events"
-EVENT_ORDER_LOCK = 0x7464_7865_7674  # "tdxevt": the advisory lock that orders event commits
+EVENT_ORDER_LOCK = 0x7464_7876  # "tdxv": with hashtext(current_schema()), the lock ordering event commits
 _PENDING = "tdx_pending_events"
 _COMMITTED_KINDS = "tdx_committed_kinds"
 
@@ -75,8 +77,8 @@ def emit(
 
 
 _INSERT_EVENT = insert(Event)
-_ORDER_LOCK = text("SELECT pg_advisory_xact_lock(:k)")
-_NOTIFY = text("SELECT pg_notify(:c, :p)")
+_ORDER_LOCK = text("SELECT pg_advisory_xact_lock(CAST(:k AS integer), hashtext(current_schema()))")
+_NOTIFY = text("SELECT pg_notify(:c || '.' || current_schema(), :p)")
 
 
 def write_pending_events(session: Session) -> None:
@@ -135,12 +137,15 @@ class PostgresListener:
 
     def _run(self) -> None:
         import psycopg
+        from psycopg import sql
 
         backoff = 0.2
         while not self._stop.is_set():
             try:
                 with psycopg.connect(self.conninfo, autocommit=True) as conn:
-                    conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                    schema = conn.execute("SELECT current_schema()").fetchone()
+                    channel = f"{NOTIFY_CHANNEL}.{schema[0] if schema else 'public'}"
+                    conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
                     backoff = 0.2
                     # Anything may have happened while we were not listening.
                     fire_for_kinds(self.ctx, sorted(CAPACITY_KINDS))

@@ -54,10 +54,10 @@ class Signal:
         if self.version != seen_version:
             self._waiters.discard(fut)
             return True
+        # asyncio.wait, not wait_for: on Python 3.11 wait_for drops a cancel that arrives as the
+        # future completes, and the cancelled task (the pending queue at shutdown) runs on.
         try:
-            await asyncio.wait_for(fut, timeout)
-            return True
-        except TimeoutError:
-            return False
+            done, _ = await asyncio.wait({fut}, timeout=timeout)
+            return bool(done)
         finally:
             self._waiters.discard(fut)

@@ -8,7 +8,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel, StringConstraints, model_validator
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from service.auth import Principal, Role, current_principal, hash_secret, new_secret
@@ -18,6 +18,8 @@ from service.errors import ProblemError, not_found
 from service.models import Host, Token
 from service.pagination import Page, PageParams, encode_cursor
 from service.schemas import Name, StrictModel
+
+BOOTSTRAP_ADMIN_LOCK = 0x7464_7861_646D  # "tdxadm": serializes first-start admin minting on PostgreSQL
 
 
 class TokenCreate(StrictModel):
@@ -84,6 +86,9 @@ def create_token(session: Session, body: TokenCreate) -> TokenCreated:
 
 def ensure_bootstrap_admin(session: Session) -> str | None:
     """At first start without TDX_ADMIN_TOKEN: mint an admin token; the caller prints it once."""
+    if session.get_bind().dialect.name == "postgresql":
+        # Replicas starting together would each see no admin yet and each mint one.
+        session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": BOOTSTRAP_ADMIN_LOCK})
     if session.scalar(select(Token.id).where(Token.role == "admin").limit(1)) is not None:
         return None
     secret = new_secret()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import re
 import socket
 from collections.abc import Iterator
@@ -13,6 +15,7 @@ from fastapi.testclient import TestClient
 import service.main
 from service.app import create_app
 from service.config import Settings
+from service.signals import Signal
 from tests.conftest import POSTGRES_URL, Api, make_settings
 from tests.helpers import assert_problem
 
@@ -162,3 +165,33 @@ def test_serve_with_an_admin_token_prints_nothing(tmp_path: Path, capsys: pytest
     settings = Settings(database_url=f"sqlite:///{tmp_path / 'fresh.db'}", admin_token="tdx_from-the-environment")
     service.main._prepare(settings)
     assert "tdx_" not in capsys.readouterr().out
+
+
+# ---- shutdown --------------------------------------------------------------------------------
+
+
+def test_a_wake_up_racing_a_cancel_does_not_swallow_the_cancel() -> None:
+    """The lifespan stops the pending-queue task by cancelling it and awaiting it. If the task's
+    signal fires in the same loop iteration as the cancel, the cancel must still end the task, or
+    shutdown hangs for ever (on PostgreSQL, other replicas' NOTIFYs fire the signal at any time)."""
+
+    async def scenario() -> bool:
+        signal = Signal()
+        signal.bind(asyncio.get_running_loop())
+
+        async def waiter() -> None:
+            while True:
+                await signal.wait(signal.version, 30)
+
+        task = asyncio.create_task(waiter())
+        await asyncio.sleep(0.05)  # the task is now waiting on the signal
+        signal.fire()
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=5)
+        if not done:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        return bool(done) and task.cancelled()
+
+    assert asyncio.run(scenario()), "the cancelled task kept running: shutdown would hang"
