@@ -12,7 +12,7 @@ PostgreSQL the work runs in a worker thread; concurrency between replicas is the
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import logging
 import random
 import threading
 import time
@@ -28,6 +28,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 T = TypeVar("T")
+log = logging.getLogger("tdx.db")
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 TRANSIENT_RETRIES = 5
@@ -189,8 +190,10 @@ class Database:
                 hook(session)
 
     def _commit_soon(self, batch: _Batch) -> None:
-        with contextlib.suppress(BaseException):  # errors reach every waiter through its future
+        try:
             self._commit_batch(batch)
+        except Exception:  # every waiter got the error through its future already
+            log.exception("group commit of %d unit(s) failed", len(batch.sessions))
 
     async def _run_batched(self, fn: Callable[[Session], T]) -> T:
         batch = self._own_batch()
