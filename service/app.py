@@ -22,6 +22,7 @@ from service.db import Database, make_engine
 from service.errors import install_error_handlers, problem_response
 from service.events import PostgresListener, signal_committed_events, write_pending_events
 from service.events import router as events_router
+from service.hosts.router import batch_router as hosts_batch_router
 from service.hosts.router import router as hosts_router
 from service.metrics import Metrics
 from service.middleware import BodyLimitMiddleware, RequestLogMiddleware
@@ -124,6 +125,7 @@ def create_app(settings: Settings | None = None, db: Database | None = None) -> 
     app.state.ctx = ctx
     install_error_handlers(app)
     app.include_router(tokens_router)
+    app.include_router(hosts_batch_router)
     app.include_router(hosts_router)
     app.include_router(vms_router)
     app.include_router(scheduling_router)

@@ -10,11 +10,21 @@ from service.context import get_context
 from service.errors import ProblemError
 from service.hosts import service
 from service.hosts.readiness import TdxState
-from service.hosts.schemas import Heartbeat, HostCreate, HostOut, HostPatch, LoadOut, LoadReport
+from service.hosts.schemas import (
+    Heartbeat,
+    HostBatch,
+    HostBatchOut,
+    HostCreate,
+    HostOut,
+    HostPatch,
+    LoadOut,
+    LoadReport,
+)
 from service.pagination import Page, PageParams
 from service.schemas import Name
 
 router = APIRouter(prefix="/v1/hosts", tags=["hosts"])
+batch_router = APIRouter(tags=["hosts"])
 
 
 def _etag(host: HostOut) -> dict[str, str]:
@@ -176,3 +186,17 @@ async def heartbeat(
     host = await ctx.db.run(lambda s: service.render(s, service.heartbeat(s, name, body, timeout), timeout))
     response.headers.update(_etag(host))
     return host
+
+
+@batch_router.post("/v1/hosts:batch", status_code=201, response_model=HostBatchOut)
+async def register_hosts(
+    body: HostBatch, request: Request, principal: Principal = Depends(current_principal)
+) -> HostBatchOut:
+    """Register up to 1,000 hosts at once, each with its first load report if known (fleet
+    onboarding); all or nothing."""
+    principal.require("admin")
+    ctx = get_context(request)
+    hosts = await ctx.db.run(
+        lambda s: service.register_hosts(s, body.hosts, ctx.settings.cpu_allocation_ratio)
+    )
+    return HostBatchOut(created=len(hosts), hosts=hosts)

@@ -137,3 +137,27 @@ class LoadOut(BaseModel):
     tdx_reason: str | None
     current: bool
     reported_at: datetime
+
+
+class HostRegistration(HostCreate):
+    """One host of a batch, with its first kvm_intel load report when it is known already."""
+
+    load: LoadReport | None = None
+
+
+MAX_BATCH = 1000
+
+
+class HostBatch(StrictModel):
+    hosts: Annotated[list[HostRegistration], Field(min_length=1, max_length=MAX_BATCH)]
+
+
+class RegisteredHost(BaseModel):
+    id: uuid.UUID
+    name: str
+    tdx_state: TdxState
+
+
+class HostBatchOut(BaseModel):
+    created: int
+    hosts: list[RegisteredHost]

@@ -7,26 +7,37 @@ it changes anything when the request is refused.
 from __future__ import annotations
 
 import uuid
+from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, exists, select
+from sqlalchemy import delete, exists, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service.clock import as_utc, utcnow
 from service.errors import ProblemError, not_found
 from service.events import emit
-from service.hosts.readiness import LoadFacts, LoadKind, TdxState, classify_load, derive_readiness, reload_allowed
+from service.hosts.readiness import (
+    LoadFacts,
+    LoadKind,
+    Readiness,
+    TdxState,
+    classify_load,
+    derive_readiness,
+    reload_allowed,
+)
 from service.hosts.schemas import (
     Heartbeat,
     HostCreate,
     HostOut,
     HostPatch,
+    HostRegistration,
     LoadOut,
     LoadRef,
     LoadReport,
+    RegisteredHost,
     TdxOut,
     UsageOut,
 )
@@ -151,6 +162,75 @@ def create_host(session: Session, body: HostCreate, default_cpu_ratio: float) ->
     _write_labels(session, host, body.labels)
     emit(session, "host.created", host.name, {"id": str(host.id), "labels": body.labels})
     return host
+
+
+def register_hosts(session: Session, items: list[HostRegistration], default_cpu_ratio: float) -> list[RegisteredHost]:
+    """Register many hosts (each with an optional first load) in one transaction: the same rows
+    and events as ``create_host`` then ``report_load`` per host, written with bulk statements.
+    All or nothing: any refused host refuses the batch before anything is written."""
+    names = Counter(item.name for item in items)
+    taken = sorted(n for n, count in names.items() if count > 1)
+    taken += session.scalars(select(Host.name).where(Host.name.in_(list(names)))).all()
+    if taken:
+        raise ProblemError(
+            409, "host_name_taken", f"host name(s) already taken: {', '.join(sorted(set(taken))[:20])}",
+            names=sorted(set(taken)),
+        )
+    load_ids = Counter(item.load.load_id for item in items if item.load is not None)
+    reused = [str(i) for i, count in load_ids.items() if count > 1]
+    reused += [str(i) for i in session.scalars(select(Load.id).where(Load.id.in_(list(load_ids))))]
+    if reused:
+        raise ProblemError(409, "load_id_conflict", f"load id(s) already used: {', '.join(reused[:20])}")
+
+    now = utcnow()
+    host_rows: list[dict[str, Any]] = []
+    label_rows: list[dict[str, Any]] = []
+    load_rows: list[dict[str, Any]] = []
+    registered: list[RegisteredHost] = []
+    for item in items:
+        host_id = uuid.uuid4()
+        load = item.load
+        readiness = derive_readiness(_facts(load)) if load is not None else None
+        vcpus = load.vcpus if load is not None and load.vcpus is not None else item.vcpus
+        memory = load.memory_mib if load is not None and load.memory_mib is not None else item.memory_mib
+        reserved_memory = min(item.reserved_memory_mib, memory)
+        state = readiness.state if readiness is not None else TdxState.UNKNOWN
+        host_rows.append(
+            {
+                "id": host_id, "name": item.name, "labels": dict(item.labels), "vcpus": vcpus,
+                "memory_mib": memory, "reserved_vcpus": min(item.reserved_vcpus, vcpus),
+                "reserved_memory_mib": reserved_memory,
+                "cpu_allocation_ratio": item.cpu_allocation_ratio or default_cpu_ratio,
+                "schedulable": True, "draining": False, "tdx_state": state.value,
+                "tdx_reason": readiness.reason if readiness else None,
+                "vm_capable": readiness.vm_capable if readiness else False,
+                "keyids_total": load.keyids_total if load is not None else 0,
+                "used_vcpus": 0, "used_memory_mib": 0, "used_keyids": 0, "vm_count": 0,
+                "free_memory_mib": memory - reserved_memory,
+                # As if created (generation 1) and then given its load (bumped once).
+                "generation": 2 if load is not None else 1,
+                "last_heartbeat_at": now if load is not None else None,
+                "created_at": now, "updated_at": now,
+            }
+        )
+        label_rows += [{"host_id": host_id, "key": k, "value": v} for k, v in item.labels.items()]
+        emit(session, "host.created", item.name, {"id": str(host_id), "labels": dict(item.labels)})
+        if load is not None and readiness is not None:
+            load_rows.append(
+                {
+                    "id": load.load_id, "host_id": host_id, **{f: getattr(load, f) for f in _IMMUTABLE_FACTS},
+                    "tdx_state": state.value, "tdx_reason": readiness.reason, "reported_at": now,
+                }
+            )
+            _emit_load_events(session, item.name, load, LoadKind.FIRST, TdxState.UNKNOWN.value, readiness)
+        registered.append(RegisteredHost(id=host_id, name=item.name, tdx_state=state))
+    session.execute(insert(Host), host_rows)
+    if label_rows:
+        session.execute(insert(HostLabel), label_rows)
+    if load_rows:
+        seqs = session.execute(insert(Load).returning(Load.seq, Load.host_id), load_rows).all()
+        session.execute(update(Host), [{"id": host_id, "current_load_seq": seq} for seq, host_id in seqs])
+    return registered
 
 
 def list_hosts(
@@ -327,31 +407,42 @@ def report_load(session: Session, name: str, body: LoadReport) -> tuple[Host, bo
         host.reserved_memory_mib = min(host.reserved_memory_mib, host.memory_mib)
     host.last_heartbeat_at = now
     _touch(host)
+    _emit_load_events(session, host.name, body, kind, previous_state, readiness)
+    return host, True
+
+
+def _emit_load_events(
+    session: Session, name: str, body: LoadReport, kind: LoadKind, previous_state: str, readiness: Readiness
+) -> None:
     emit(
         session,
         "host.load_reported",
-        host.name,
+        name,
         {
-            "load_id": str(load.id),
-            "boot_id": load.boot_id,
+            "load_id": str(body.load_id),
+            "boot_id": body.boot_id,
             "kind": kind.value,
             "tdx_state": readiness.state.value,
             "reason": readiness.reason,
         },
     )
-    if previous_state != host.tdx_state:
+    if previous_state != readiness.state.value:
         emit(
             session,
             "host.tdx_state_changed",
-            host.name,
-            {"from": previous_state, "to": host.tdx_state, "reason": readiness.reason},
+            name,
+            {"from": previous_state, "to": readiness.state.value, "reason": readiness.reason},
         )
-    return host, True
 
 
 def heartbeat(session: Session, name: str, body: Heartbeat, timeout_s: float) -> Host:
-    host = get_host_row(session, name)
-    current = _current_load(session, host)
+    # One query for the host and its current load (the reply's render finds both in the session).
+    row = session.execute(
+        select(Host, Load).outerjoin(Load, Load.seq == Host.current_load_seq).where(Host.name == name)
+    ).first()
+    if row is None:
+        raise not_found("host", name)
+    host, current = row.tuple()
     if current is None or current.id != body.load_id:
         raise ProblemError(
             409,
