@@ -139,6 +139,17 @@ class LoadReport(TypedDict):
     memory_mib: NotRequired[int | None]
 
 
+class RegisteredHost(TypedDict):
+    id: str
+    name: str
+    tdx_state: str
+
+
+class HostBatchResult(TypedDict):
+    created: int
+    hosts: list[RegisteredHost]
+
+
 class Load(TypedDict):
     id: str
     host: str
@@ -464,6 +475,10 @@ class _calls:
     def create_host(name: str, vcpus: int, memory_mib: int, options: HostOptions) -> _Call[Host]:
         body = {"name": name, "vcpus": vcpus, "memory_mib": memory_mib, **_options(options)}
         return _Call("POST", "/v1/hosts", _json, body=body)
+
+    @staticmethod
+    def register_hosts(hosts: list[dict[str, Any]]) -> _Call[HostBatchResult]:
+        return _Call("POST", "/v1/hosts:batch", _json, body={"hosts": hosts})
 
     @staticmethod
     def list_hosts(filters: HostFilter, limit: int | None, cursor: str | None) -> _Call[Page[Host]]:
@@ -800,6 +815,10 @@ class TdxClient:
     def drain_host(self, name: str) -> Host:
         return self._send(_calls.drain_host(name))
 
+    def register_hosts(self, hosts: list[dict[str, Any]]) -> HostBatchResult:
+        """Up to 1,000 host create bodies, each with an optional ``load`` report; all or nothing."""
+        return self._send(_calls.register_hosts(hosts))
+
     def report_load(self, host: str, body: Mapping[str, Any]) -> Host:
         return self._send(_calls.report_load(host, body))
 
@@ -995,6 +1014,10 @@ class AsyncTdxClient:
 
     async def drain_host(self, name: str) -> Host:
         return await self._send(_calls.drain_host(name))
+
+    async def register_hosts(self, hosts: list[dict[str, Any]]) -> HostBatchResult:
+        """Up to 1,000 host create bodies, each with an optional ``load`` report; all or nothing."""
+        return await self._send(_calls.register_hosts(hosts))
 
     async def report_load(self, host: str, body: Mapping[str, Any]) -> Host:
         return await self._send(_calls.report_load(host, body))

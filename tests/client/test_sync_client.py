@@ -283,3 +283,20 @@ def test_watch_events_resumes_after_the_server_side_closes(live: LiveServer, pro
         reconnect = transport.faults.attempts("/v1/events/stream")[-1]
         assert reconnect.headers["Last-Event-ID"] == str(seen[-1]["id"])
         stream.close()
+
+
+def test_register_hosts_in_bulk(live: LiveServer) -> None:
+    with live.admin() as c:
+        result = c.register_hosts(
+            [
+                {"name": "b1", "vcpus": 8, "memory_mib": 8192, "load": load_body("ready", keyids=3)},
+                {"name": "b2", "vcpus": 8, "memory_mib": 8192},
+            ]
+        )
+        assert result["created"] == 2
+        assert [(h["name"], h["tdx_state"]) for h in result["hosts"]] == [("b1", "ready"), ("b2", "unknown")]
+        assert c.get_host("b1")[0]["tdx"]["keyids_total"] == 3
+        with pytest.raises(Conflict) as taken:
+            c.register_hosts([{"name": "b3", "vcpus": 1, "memory_mib": 1}, {"name": "b1", "vcpus": 1, "memory_mib": 1}])
+        assert taken.value.code == "host_name_taken"
+        assert [h["name"] for h in c.iter_hosts()] == ["b1", "b2"]
