@@ -99,7 +99,9 @@ def create_app(settings: Settings | None = None, db: Database | None = None) -> 
         if settings.run_background_tasks:
             tasks.append(
                 asyncio.create_task(
-                    queue.run_forever(ctx.db, ctx.placement, ctx.capacity_signal, settings.queue_tick_s, ctx.rng)
+                    queue.run_forever(
+                        ctx.db, ctx.placement, ctx.capacity_signal, settings.queue_tick_s, ctx.rng, ctx.metrics
+                    )
                 )
             )
         try:

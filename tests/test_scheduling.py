@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -68,6 +69,15 @@ def test_pending_vm_is_placed_when_capacity_is_freed(api: Api) -> None:
     assert event["data"]["host"] == "h"
     placed = _vm(api, waiting["id"])
     assert (placed["status"], placed["host"], placed["reasons"]) == ("scheduled", "h", {})
+    # One placement by POST /v1/vms, one by the queue (counted just after its commit, which the
+    # event already showed); the waiting VM's create counted as pending.
+    for _ in range(100):
+        metrics = api.client.get("/metrics").text
+        if 'tdx_placements_total{result="scheduled"} 2.0' in metrics:
+            break
+        time.sleep(0.05)
+    assert 'tdx_placements_total{result="scheduled"} 2.0' in metrics
+    assert 'tdx_placements_total{result="pending"} 1.0' in metrics
 
 
 def test_pending_vm_is_placed_when_a_host_becomes_ready(api: Api) -> None:

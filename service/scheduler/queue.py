@@ -22,10 +22,18 @@ from sqlalchemy.orm import Session
 from service.clock import as_utc, utcnow
 from service.db import Database
 from service.hosts.service import report_stale_hosts
+from service.metrics import Metrics
 from service.models import Vm
 from service.signals import Signal
 from service.vms.lifecycle import Action, VmStatus
-from service.vms.service import PlacementSettings, apply_action, emit_vm_event, purge_idempotency_keys, try_place
+from service.vms.service import (
+    CLAIM_CONFLICTS,
+    PlacementSettings,
+    apply_action,
+    emit_vm_event,
+    purge_idempotency_keys,
+    try_place,
+)
 
 log = logging.getLogger("tdx.queue")
 
@@ -45,7 +53,15 @@ def _pending_ids(session: Session) -> list[uuid.UUID]:
     )
 
 
-def _retry_one(session: Session, vm_id: uuid.UUID, ps: PlacementSettings, rng: random.Random) -> str:
+def _retry_one(
+    session: Session, vm_id: uuid.UUID, ps: PlacementSettings, rng: random.Random
+) -> tuple[str, int]:
+    """Retry one pending VM; its outcome and the claims it lost to concurrent placements."""
+    outcome = _retry(session, vm_id, ps, rng)
+    return outcome, session.info.get(CLAIM_CONFLICTS, 0)
+
+
+def _retry(session: Session, vm_id: uuid.UUID, ps: PlacementSettings, rng: random.Random) -> str:
     vm = session.scalars(
         select(Vm)
         .where(Vm.id == vm_id, Vm.status == VmStatus.PENDING.value)
@@ -64,13 +80,17 @@ def _retry_one(session: Session, vm_id: uuid.UUID, ps: PlacementSettings, rng: r
     return "pending"
 
 
-async def run_pass(db: Database, ps: PlacementSettings, rng: random.Random) -> dict[str, int]:
+async def run_pass(db: Database, ps: PlacementSettings, rng: random.Random, metrics: Metrics) -> dict[str, int]:
     """One sweep over the queue, each VM in its own transaction (and, on SQLite, the event loop
     serves requests between them)."""
     outcome: dict[str, int] = {}
     for vm_id in await db.run(_pending_ids, write=False):
-        result = await db.run(functools.partial(_retry_one, vm_id=vm_id, ps=ps, rng=rng))
+        result, conflicts = await db.run(functools.partial(_retry_one, vm_id=vm_id, ps=ps, rng=rng))
         outcome[result] = outcome.get(result, 0) + 1
+        if conflicts:
+            metrics.claim_conflicts.inc(conflicts)
+        if result in ("scheduled", "failed"):
+            metrics.placements.labels(result=result).inc()
     return outcome
 
 
@@ -79,13 +99,15 @@ async def housekeeping(db: Database, ps: PlacementSettings) -> None:
     await db.run(functools.partial(purge_idempotency_keys, ttl_s=ps.idempotency_ttl_s))
 
 
-async def run_forever(db: Database, ps: PlacementSettings, signal: Signal, tick_s: float, rng: random.Random) -> None:
+async def run_forever(
+    db: Database, ps: PlacementSettings, signal: Signal, tick_s: float, rng: random.Random, metrics: Metrics
+) -> None:
     loop = asyncio.get_running_loop()
     last_housekeeping = -tick_s
     while True:
         seen = signal.version
         try:
-            await run_pass(db, ps, rng)
+            await run_pass(db, ps, rng, metrics)
             if loop.time() - last_housekeeping >= tick_s:
                 last_housekeeping = loop.time()
                 await housekeeping(db, ps)
