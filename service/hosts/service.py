@@ -442,7 +442,7 @@ def heartbeat(session: Session, name: str, body: Heartbeat, timeout_s: float) ->
     ).first()
     if row is None:
         raise not_found("host", name)
-    host, current = row.tuple()
+    host, current = row._tuple()
     if current is None or current.id != body.load_id:
         raise ProblemError(
             409,
