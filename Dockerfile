@@ -18,15 +18,16 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY service ./service
+COPY migrations ./migrations
 
 RUN python -m venv /opt/venv \
  && /opt/venv/bin/pip install --quiet --upgrade pip \
  && /opt/venv/bin/pip wheel --quiet --no-deps --wheel-dir /wheels . \
- && /opt/venv/bin/pip install --quiet /wheels/*.whl
+ && /opt/venv/bin/pip install --quiet "$(ls /wheels/*.whl)[server]"
 
-# The wheel carries its migrations (service/migrations); prove the installed image can migrate.
+# The wheel carries migrations/ as service/migrations; prove the installed image can migrate.
 RUN cd /tmp \
- && TDX_DATABASE_URL=sqlite:////tmp/smoke.db TDX_ADMIN_TOKEN=build-smoke /opt/venv/bin/tdx-service migrate \
+ && TDX_DATABASE_URL=sqlite:////tmp/smoke.db TDX_ADMIN_TOKEN=build-smoke-token-of-at-least-32-characters /opt/venv/bin/tdx-service migrate \
  && rm -f /tmp/smoke.db*
 
 # ---- final: the interpreter and the venv, nothing else ---------------------------------------

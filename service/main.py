@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from typing import TYPE_CHECKING
 
-from service.config import Settings, get_settings
+if TYPE_CHECKING:
+    from service.config import Settings
+
+SERVER_EXTRA_HINT = "pip install 'tdx-control-plane[server]'"
 
 
 def _configure_logging() -> None:
@@ -48,6 +52,10 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser("migrate", help="apply pending migrations and exit")
     args = parser.parse_args(argv)
 
+    try:  # the light install (agent, tdxctl, client) has none of the service's packages
+        from service.config import get_settings
+    except ImportError as exc:
+        sys.exit(f"tdx-service: the service's packages are not installed ({exc.name}); {SERVER_EXTRA_HINT}")
     _configure_logging()
     settings = get_settings()
     _prepare(settings)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import importlib.util
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,13 +18,20 @@ from sqlalchemy import Connection, Engine, text
 from sqlalchemy.engine import make_url
 
 MIGRATION_LOCK = 0x7464_786D_6967  # "tdxmig"
-# Inside the package, so that every install (wheel, image) carries its migrations.
-SCRIPTS = Path(__file__).resolve().parent / "migrations"
+
+
+def scripts_dir() -> Path:
+    """Where the migration scripts are: ``migrations/`` in a checkout, ``service/migrations/`` in an
+    installed wheel (pyproject.toml maps the one onto the other as the package ``service.migrations``)."""
+    spec = importlib.util.find_spec("service.migrations")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the package service.migrations is missing: reinstall tdx-control-plane")
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def alembic_config(url: str) -> Config:
     cfg = Config()
-    cfg.set_main_option("script_location", str(SCRIPTS))
+    cfg.set_main_option("script_location", str(scripts_dir()))
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     return cfg
 

@@ -1,4 +1,4 @@
-"""SQLAlchemy 2 typed models. Every schema change is an Alembic migration (see service/migrations/)."""
+"""SQLAlchemy 2 typed models. Every schema change is an Alembic migration (see migrations/)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,158 @@
+"""create_app(): routers, error handlers, middleware, and the lifespan of one service process."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import func, select
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session
+
+from service import __version__
+from service.auth import TokenCache, hash_secret
+from service.config import Settings, get_settings
+from service.context import AppContext, get_context
+from service.dashboard import router as dashboard_router
+from service.db import Database, make_engine
+from service.errors import install_error_handlers, problem_response
+from service.events import PostgresListener, signal_committed_events, write_pending_events
+from service.events import router as events_router
+from service.hosts.router import batch_router as hosts_batch_router
+from service.hosts.router import router as hosts_router
+from service.metrics import Metrics
+from service.middleware import BodyLimitMiddleware, RequestLogMiddleware
+from service.models import Host, Vm
+from service.scheduler import queue
+from service.scheduler.engine import SchedulerConfig
+from service.scheduler.router import router as scheduling_router
+from service.scheduler.weighers import default_weighers
+from service.tokens import router as tokens_router
+from service.vms.router import router as vms_router
+from service.vms.service import PlacementSettings
+
+log = logging.getLogger("tdx.app")
+
+
+def build_context(settings: Settings, db: Database | None = None) -> AppContext:
+    if db is None:
+        db = Database(
+            make_engine(
+                settings.database_url,
+                sqlite_synchronous=settings.sqlite_synchronous,
+                pool_size=settings.db_pool_size,
+            )
+        )
+    placement = PlacementSettings(
+        heartbeat_timeout_s=settings.heartbeat_timeout_s,
+        schedule_timeout_s=settings.schedule_timeout_s,
+        idempotency_ttl_s=settings.idempotency_ttl_s,
+        scheduler=SchedulerConfig(
+            policy=settings.placement_policy,
+            weighers=default_weighers(settings.placement_policy, settings.tdx_affinity_multiplier),
+            candidate_limit=settings.candidate_limit,
+        ),
+    )
+    ctx = AppContext(
+        settings=settings,
+        db=db,
+        token_cache=TokenCache(settings.token_cache_ttl_s),
+        metrics=Metrics(),
+        placement=placement,
+        admin_token_hash=hash_secret(settings.admin_token) if settings.admin_token else None,
+    )
+    db.before_commit_hooks.append(write_pending_events)
+    db.after_commit_hooks.append(lambda s: signal_committed_events(ctx, s))
+    return ctx
+
+
+def _update_gauges(ctx: AppContext, session: Session) -> None:
+    m = ctx.metrics
+    m.pending.set(session.scalar(select(func.count()).select_from(Vm).where(Vm.status == "pending")) or 0)
+    m.hosts.clear()
+    for state, count in session.execute(select(Host.tdx_state, func.count()).group_by(Host.tdx_state)):
+        m.hosts.labels(tdx_state=state).set(count)
+    total, used = session.execute(select(func.sum(Host.keyids_total), func.sum(Host.used_keyids))).one()
+    m.keyids_total.set(total or 0)
+    m.keyids_used.set(used or 0)
+
+
+def create_app(settings: Settings | None = None, db: Database | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    ctx = build_context(settings, db)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        loop = asyncio.get_running_loop()
+        ctx.events_signal.bind(loop)
+        ctx.capacity_signal.bind(loop)
+        listener: PostgresListener | None = None
+        tasks: list[asyncio.Task[None]] = []
+        if not ctx.db.is_sqlite:
+            url = make_url(settings.database_url).set(drivername="postgresql")
+            listener = PostgresListener(ctx, url.render_as_string(hide_password=False))
+            listener.start()
+        if settings.run_background_tasks:
+            tasks.append(
+                asyncio.create_task(
+                    queue.run_forever(
+                        ctx.db, ctx.placement, ctx.capacity_signal, settings.queue_tick_s, ctx.rng, ctx.metrics
+                    )
+                )
+            )
+        try:
+            yield
+        finally:
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            if listener is not None:
+                listener.stop()
+
+    app = FastAPI(
+        title="tdx-control-plane",
+        version=__version__,
+        description=(
+            "Schedules Intel TDX confidential VMs only onto hosts that opted in to TDX when "
+            "kvm_intel was loaded (kvm_intel.tdx=1), as reported by each host's agent."
+        ),
+        lifespan=lifespan,
+    )
+    app.state.ctx = ctx
+    install_error_handlers(app)
+    app.include_router(tokens_router)
+    app.include_router(hosts_batch_router)
+    app.include_router(hosts_router)
+    app.include_router(vms_router)
+    app.include_router(scheduling_router)
+    app.include_router(events_router)
+    app.include_router(dashboard_router)
+
+    @app.get("/healthz", tags=["operations"])
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["operations"], response_model=None)
+    async def readyz(request: Request) -> dict[str, str] | Response:
+        try:
+            await get_context(request).db.run(lambda s: s.connection().exec_driver_sql("SELECT 1"), write=False)
+        except Exception as exc:
+            log.warning("readiness check failed: %s", exc)
+            return problem_response(503, "database_unavailable", "the database is not reachable")
+        return {"status": "ready"}
+
+    @app.get("/metrics", tags=["operations"])
+    async def metrics(request: Request) -> Response:
+        c = get_context(request)
+        await c.db.run(lambda s: _update_gauges(c, s), write=False)
+        return Response(generate_latest(c.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    app.add_middleware(BodyLimitMiddleware)
+    app.add_middleware(RequestLogMiddleware, metrics=ctx.metrics, enabled=settings.log_requests)
+    return app

@@ -1,0 +1,37 @@
+"""Settings from the environment (prefix ``TDX_``)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TDX_", extra="ignore")
+
+    database_url: str = "sqlite:///./tdx.db"
+    admin_token: str | None = None
+    heartbeat_timeout_s: float = Field(default=40.0, gt=0)
+    # SQLite durability: FULL fsyncs the WAL on every commit, so an acknowledged write survives
+    # power loss; NORMAL survives process crashes only.
+    sqlite_synchronous: Literal["FULL", "NORMAL"] = "FULL"
+    # PostgreSQL connections per replica (also the number of concurrent database transactions).
+    db_pool_size: int = Field(default=10, ge=1, le=200)
+    cpu_allocation_ratio: float = Field(default=4.0, gt=0)
+    placement_policy: Literal["spread", "pack"] = "spread"
+    tdx_affinity_multiplier: float = Field(default=2.0, ge=0)
+    schedule_timeout_s: int = Field(default=3600, ge=1)
+    candidate_limit: int = Field(default=16, ge=1, le=500)
+    queue_tick_s: float = Field(default=5.0, gt=0)
+    idempotency_ttl_s: int = Field(default=86400, ge=86400)
+    token_cache_ttl_s: float = Field(default=1.0, ge=0)
+    log_requests: bool = True
+    run_background_tasks: bool = True
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

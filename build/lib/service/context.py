@@ -1,0 +1,38 @@
+"""What one running service holds: settings, database, signals, caches, metrics."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from fastapi import Request
+
+from service.auth import TokenCache
+from service.config import Settings
+from service.db import Database
+from service.metrics import Metrics
+from service.signals import Signal
+
+if TYPE_CHECKING:
+    from service.vms.service import PlacementSettings
+
+
+@dataclass
+class AppContext:
+    settings: Settings
+    db: Database
+    token_cache: TokenCache
+    metrics: Metrics
+    placement: PlacementSettings
+    admin_token_hash: str | None = None
+    # Fired after any event commits (here or, on PostgreSQL, in another replica).
+    events_signal: Signal = field(default_factory=Signal)
+    # Fired when capacity may have grown, so pending VMs are retried at once.
+    capacity_signal: Signal = field(default_factory=Signal)
+    rng: random.Random = field(default_factory=random.Random)
+
+
+def get_context(request: Request) -> AppContext:
+    ctx: AppContext = request.app.state.ctx
+    return ctx

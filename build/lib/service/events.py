@@ -1,0 +1,294 @@
+"""The append-only event log, its long-poll and its Server-Sent Events stream.
+
+Ordering: an event id is a promise that every smaller id is already visible, so a reader can
+resume from one. SQLite has one writer at a time, so ids follow commit order by themselves. On
+PostgreSQL concurrent transactions could commit out of id order; writers therefore insert their
+events last, under a transaction-scoped advisory lock held through COMMIT (the lock is released
+only after the commit is visible). Only that tail of a write is serialized.
+
+Wake-ups: writers fire ``events_signal`` after commit; on PostgreSQL they also ``pg_notify`` in
+the same transaction and every replica's listener thread fires its own signal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import threading
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
+from sqlalchemy import func, insert, or_, select, text
+from sqlalchemy.orm import Session
+
+from service.auth import Principal, current_principal
+from service.clock import as_utc, utcnow
+from service.context import AppContext, get_context
+from service.errors import ProblemError
+from service.models import Event
+
+log = logging.getLogger("tdx.events")
+
+# Both are per schema: deployments (or test runs) sharing one PostgreSQL database in different
+# schemas neither wait on each other's event writes nor wake each other's listeners.
+NOTIFY_CHANNEL = "tdx_events"
+EVENT_ORDER_LOCK = 0x7464_7876  # "tdxv": with hashtext(current_schema()), the lock ordering event commits
+_PENDING = "tdx_pending_events"
+_COMMITTED_KINDS = "tdx_committed_kinds"
+
+# Kinds after which a pending VM may fit where it did not before.
+CAPACITY_KINDS = frozenset(
+    {
+        "host.created",
+        "host.load_reported",
+        "host.tdx_state_changed",
+        "host.alive",
+        "host.uncordoned",
+        "host.undrained",
+        "host.updated",
+        "host.rebooted",
+        "vm.deleted",
+        "vm.lost",
+        "vm.failed",
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class NewEvent:
+    kind: str
+    subject: str
+    data: dict[str, Any]
+    project: str | None
+
+
+def emit(
+    session: Session, kind: str, subject: str, data: dict[str, Any] | None = None,
+    project: str | None = None,
+) -> None:
+    """Record an event; it is written at commit, with the transaction's other changes."""
+    session.info.setdefault(_PENDING, []).append(NewEvent(kind, subject, data or {}, project))
+
+
+_INSERT_EVENT = insert(Event)
+_ORDER_LOCK = text("SELECT pg_advisory_xact_lock(CAST(:k AS integer), hashtext(current_schema()))")
+_NOTIFY = text("SELECT pg_notify(:c || '.' || current_schema(), :p)")
+
+
+def write_pending_events(session: Session) -> None:
+    pending: list[NewEvent] = session.info.pop(_PENDING, [])
+    if not pending:
+        return
+    # Everything else this transaction writes goes first, so that nothing but the event insert
+    # runs under the ordering lock. The insert is a plain Core statement: the ORM's bulk path
+    # costs several times more for the same rows.
+    session.flush()
+    conn = session.connection()
+    postgres = conn.dialect.name == "postgresql"
+    if postgres:
+        conn.execute(_ORDER_LOCK, {"k": EVENT_ORDER_LOCK})
+    now = utcnow()
+    conn.execute(
+        _INSERT_EVENT,
+        [
+            {"at": now, "kind": e.kind, "subject": e.subject, "data": e.data, "project": e.project}
+            for e in pending
+        ],
+    )
+    kinds = sorted({e.kind for e in pending})
+    session.info[_COMMITTED_KINDS] = kinds
+    if postgres:
+        conn.execute(_NOTIFY, {"c": NOTIFY_CHANNEL, "p": ",".join(kinds)})
+
+
+def signal_committed_events(ctx: AppContext, session: Session) -> None:
+    kinds: list[str] = session.info.pop(_COMMITTED_KINDS, [])
+    if kinds:
+        fire_for_kinds(ctx, kinds)
+
+
+def fire_for_kinds(ctx: AppContext, kinds: Sequence[str]) -> None:
+    ctx.events_signal.fire()
+    if any(k in CAPACITY_KINDS for k in kinds):
+        ctx.capacity_signal.fire()
+
+
+class PostgresListener:
+    """LISTENs on its own connection in a thread; wakes this replica for others' events."""
+
+    def __init__(self, ctx: AppContext, conninfo: str) -> None:
+        self.ctx = ctx
+        self.conninfo = conninfo
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="tdx-pg-listen", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        import psycopg
+        from psycopg import sql
+
+        backoff = 0.2
+        while not self._stop.is_set():
+            try:
+                with psycopg.connect(self.conninfo, autocommit=True) as conn:
+                    schema = conn.execute("SELECT current_schema()").fetchone()
+                    channel = f"{NOTIFY_CHANNEL}.{schema[0] if schema else 'public'}"
+                    conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+                    backoff = 0.2
+                    # Anything may have happened while we were not listening.
+                    fire_for_kinds(self.ctx, sorted(CAPACITY_KINDS))
+                    while not self._stop.is_set():
+                        for note in conn.notifies(timeout=0.5):
+                            fire_for_kinds(self.ctx, note.payload.split(","))
+            except Exception as exc:
+                log.warning("event listener lost its connection (%s); reconnecting", exc)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+
+# ---- reading -------------------------------------------------------------------------------
+
+
+class EventOut(BaseModel):
+    id: int
+    at: datetime
+    kind: str
+    subject: str
+    data: dict[str, Any]
+
+
+class EventPage(BaseModel):
+    items: list[EventOut]
+    last_id: int
+    head_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class EventFilter:
+    kinds: tuple[str, ...] = ()
+    subject: str | None = None
+    project: str | None = None
+
+    @classmethod
+    def parse(cls, kind: list[str] | None, subject: str | None, principal: Principal) -> EventFilter:
+        kinds = tuple(k.strip() for raw in kind or [] for k in raw.split(",") if k.strip())
+        project = principal.project if principal.role == "client" else None
+        return cls(kinds=kinds, subject=subject, project=project)
+
+
+def read_events(session: Session, after: int, flt: EventFilter, limit: int) -> list[EventOut]:
+    query = select(Event).where(Event.id > after)
+    if flt.kinds:
+        exact = [k for k in flt.kinds if not k.endswith("*")]
+        prefixes = [k[:-1] for k in flt.kinds if k.endswith("*")]
+        query = query.where(
+            or_(Event.kind.in_(exact), *[Event.kind.startswith(p, autoescape=True) for p in prefixes])
+        )
+    if flt.subject is not None:
+        query = query.where(Event.subject == flt.subject)
+    if flt.project is not None:
+        query = query.where(Event.project == flt.project)
+    rows = session.scalars(query.order_by(Event.id).limit(limit)).all()
+    return [
+        EventOut(id=r.id, at=as_utc(r.at), kind=r.kind, subject=r.subject, data=r.data) for r in rows
+    ]
+
+
+def head_id(session: Session) -> int:
+    return int(session.scalar(select(func.coalesce(func.max(Event.id), 0))) or 0)
+
+
+router = APIRouter(prefix="/v1/events", tags=["events"])
+
+MAX_WAIT_S = 30.0
+SSE_KEEPALIVE_S = 15.0
+
+
+def _authorize(principal: Principal) -> None:
+    principal.require("admin", "reader", "client")
+
+
+@router.get("", response_model=EventPage)
+async def list_events(
+    request: Request,
+    after: int = Query(0, ge=0),
+    kind: list[str] | None = Query(None, max_length=50),
+    subject: str | None = Query(None, max_length=128),
+    limit: int = Query(100, ge=1, le=500),
+    wait: float = Query(0, ge=0, le=MAX_WAIT_S),
+    principal: Principal = Depends(current_principal),
+) -> EventPage:
+    _authorize(principal)
+    ctx = get_context(request)
+    flt = EventFilter.parse(kind, subject, principal)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    while True:
+        seen = ctx.events_signal.version
+
+        def _read(s: Session) -> tuple[list[EventOut], int]:
+            return read_events(s, after, flt, limit), head_id(s)
+
+        items, head = await ctx.db.run(_read, write=False)
+        remaining = deadline - loop.time()
+        if items or remaining <= 0:
+            return EventPage(items=items, last_id=items[-1].id if items else after, head_id=head)
+        await ctx.events_signal.wait(seen, remaining)
+
+
+def _sse_frame(event: EventOut) -> bytes:
+    payload = event.model_dump_json()
+    return f"id: {event.id}\nevent: {event.kind}\ndata: {payload}\n\n".encode()
+
+
+@router.get("/stream")
+async def stream_events(
+    request: Request,
+    after: int = Query(0, ge=0),
+    kind: list[str] | None = Query(None, max_length=50),
+    subject: str | None = Query(None, max_length=128),
+    last_event_id: str | None = Header(None, alias="Last-Event-ID"),
+    principal: Principal = Depends(current_principal),
+) -> StreamingResponse:
+    _authorize(principal)
+    if last_event_id is not None:
+        if not last_event_id.strip().isdigit():
+            raise ProblemError(400, "invalid_last_event_id", "Last-Event-ID must be an event id")
+        after = int(last_event_id.strip())
+    ctx = get_context(request)
+    flt = EventFilter.parse(kind, subject, principal)
+
+    async def frames() -> AsyncIterator[bytes]:
+        position = after
+        yield b"retry: 1000\n\n"
+        while True:
+            seen = ctx.events_signal.version
+            items = await ctx.db.run(functools.partial(read_events, after=position, flt=flt, limit=500), write=False)
+            for item in items:
+                yield _sse_frame(item)
+                position = item.id
+            if items:
+                continue
+            if await request.is_disconnected():
+                return
+            if not await ctx.events_signal.wait(seen, SSE_KEEPALIVE_S):
+                yield b": keepalive\n\n"
+
+    return StreamingResponse(
+        frames(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+    )
+

@@ -1,0 +1,202 @@
+"""Host endpoints (API.md, Hosts). Thin: parse, authorize, call the service, shape the reply."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from sqlalchemy.orm import Session
+
+from service.auth import Principal, current_principal
+from service.context import get_context
+from service.errors import ProblemError
+from service.hosts import service
+from service.hosts.readiness import TdxState
+from service.hosts.schemas import (
+    Heartbeat,
+    HostBatch,
+    HostBatchOut,
+    HostCreate,
+    HostOut,
+    HostPatch,
+    LoadOut,
+    LoadReport,
+)
+from service.pagination import Page, PageParams
+from service.schemas import Name
+
+router = APIRouter(prefix="/v1/hosts", tags=["hosts"])
+batch_router = APIRouter(tags=["hosts"])
+
+
+def _etag(host: HostOut) -> dict[str, str]:
+    return {"ETag": f'"{host.generation}"'}
+
+
+def _parse_label_filters(raw: list[str] | None) -> tuple[tuple[str, str], ...]:
+    pairs = []
+    for item in raw or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ProblemError(
+                422, "validation_error", f"label filter {item!r} must be key=value",
+                errors=[{"loc": ["query", "label"], "msg": "expected key=value"}],
+            )
+        pairs.append((key, value))
+    return tuple(pairs)
+
+
+@router.post("", status_code=201, response_model=HostOut)
+async def create_host(
+    body: HostCreate, request: Request, response: Response, principal: Principal = Depends(current_principal)
+) -> HostOut:
+    principal.require("admin")
+    ctx = get_context(request)
+    timeout = ctx.settings.heartbeat_timeout_s
+
+    def _create(s: Session) -> HostOut:
+        host = service.create_host(s, body, ctx.settings.cpu_allocation_ratio)
+        return service.render(s, host, timeout)
+
+    host = await ctx.db.run(_create)
+    response.headers.update(_etag(host))
+    response.headers["Location"] = f"/v1/hosts/{host.name}"
+    return host
+
+
+@router.get("", response_model=Page[HostOut])
+async def list_hosts(
+    request: Request,
+    tdx_state: TdxState | None = Query(None),
+    schedulable: bool | None = Query(None),
+    label: list[str] | None = Query(None, max_length=20),
+    page: PageParams = Depends(),
+    principal: Principal = Depends(current_principal),
+) -> Page[HostOut]:
+    principal.require("admin", "reader")
+    ctx = get_context(request)
+    filters = service.HostFilters(tdx_state=tdx_state, schedulable=schedulable, labels=_parse_label_filters(label))
+    after = page.after()
+    if after is not None and not isinstance(after, str):
+        raise ProblemError(400, "invalid_cursor", "cursor is not one this server issued")
+    return await ctx.db.run(
+        lambda s: service.list_hosts(s, filters, after, page.limit, ctx.settings.heartbeat_timeout_s), write=False
+    )
+
+
+@router.get("/{name}", response_model=HostOut)
+async def get_host(
+    name: Name, request: Request, response: Response, principal: Principal = Depends(current_principal)
+) -> HostOut:
+    if principal.role != "agent":
+        principal.require("admin", "reader")
+    else:
+        principal.require_agent_of(name)
+    ctx = get_context(request)
+    host = await ctx.db.run(
+        lambda s: service.render(s, service.get_host_row(s, name), ctx.settings.heartbeat_timeout_s), write=False
+    )
+    response.headers.update(_etag(host))
+    return host
+
+
+@router.patch("/{name}", response_model=HostOut)
+async def patch_host(
+    name: Name,
+    body: HostPatch,
+    request: Request,
+    response: Response,
+    if_match: str | None = Header(None),
+    principal: Principal = Depends(current_principal),
+) -> HostOut:
+    principal.require("admin")
+    ctx = get_context(request)
+    host = await ctx.db.run(
+        lambda s: service.render(s, service.patch_host(s, name, body, if_match), ctx.settings.heartbeat_timeout_s)
+    )
+    response.headers.update(_etag(host))
+    return host
+
+
+@router.delete("/{name}", status_code=204)
+async def delete_host(name: Name, request: Request, principal: Principal = Depends(current_principal)) -> Response:
+    principal.require("admin")
+    await get_context(request).db.run(lambda s: service.delete_host(s, name))
+    return Response(status_code=204)
+
+
+@router.post("/{name}/drain", response_model=HostOut)
+async def drain_host(
+    name: Name, request: Request, response: Response, principal: Principal = Depends(current_principal)
+) -> HostOut:
+    principal.require("admin")
+    ctx = get_context(request)
+    host = await ctx.db.run(
+        lambda s: service.render(s, service.drain_host(s, name), ctx.settings.heartbeat_timeout_s)
+    )
+    response.headers.update(_etag(host))
+    return host
+
+
+@router.post("/{name}/loads", status_code=201, response_model=HostOut)
+async def report_load(
+    name: Name,
+    body: LoadReport,
+    request: Request,
+    response: Response,
+    principal: Principal = Depends(current_principal),
+) -> HostOut:
+    principal.require_agent_of(name)
+    ctx = get_context(request)
+
+    def _report(s: Session) -> tuple[HostOut, bool]:
+        host, created = service.report_load(s, name, body)
+        return service.render(s, host, ctx.settings.heartbeat_timeout_s), created
+
+    host, created = await ctx.db.run(_report)
+    if not created:
+        response.status_code = 200
+    response.headers.update(_etag(host))
+    return host
+
+
+@router.get("/{name}/loads", response_model=Page[LoadOut])
+async def list_loads(
+    name: Name, request: Request, page: PageParams = Depends(), principal: Principal = Depends(current_principal)
+) -> Page[LoadOut]:
+    if principal.role == "agent":
+        principal.require_agent_of(name)
+    else:
+        principal.require("admin", "reader")
+    after = page.after()
+    if after is not None and not isinstance(after, int):
+        raise ProblemError(400, "invalid_cursor", "cursor is not one this server issued")
+    return await get_context(request).db.run(lambda s: service.list_loads(s, name, after, page.limit), write=False)
+
+
+@router.post("/{name}/heartbeat", response_model=HostOut)
+async def heartbeat(
+    name: Name,
+    body: Heartbeat,
+    request: Request,
+    response: Response,
+    principal: Principal = Depends(current_principal),
+) -> HostOut:
+    principal.require_agent_of(name)
+    ctx = get_context(request)
+    timeout = ctx.settings.heartbeat_timeout_s
+    host = await ctx.db.run(lambda s: service.render(s, service.heartbeat(s, name, body, timeout), timeout))
+    response.headers.update(_etag(host))
+    return host
+
+
+@batch_router.post("/v1/hosts:batch", status_code=201, response_model=HostBatchOut)
+async def register_hosts(
+    body: HostBatch, request: Request, principal: Principal = Depends(current_principal)
+) -> HostBatchOut:
+    """Register up to 1,000 hosts at once, each with its first load report if known (fleet
+    onboarding); all or nothing."""
+    principal.require("admin")
+    ctx = get_context(request)
+    hosts = await ctx.db.run(
+        lambda s: service.register_hosts(s, body.hosts, ctx.settings.cpu_allocation_ratio)
+    )
+    return HostBatchOut(created=len(hosts), hosts=hosts)

@@ -1,0 +1,163 @@
+"""Host request and response bodies (API.md, Hosts)."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Annotated, Any
+
+from pydantic import BaseModel, Field, StringConstraints, model_validator
+
+from service.hosts.readiness import TdxState
+from service.schemas import Count, Flag, Labels, MiB, Name, PositiveCount, StrictModel
+
+Ratio = Annotated[float, Field(gt=0, le=64)]
+
+
+class HostCreate(StrictModel):
+    name: Name
+    vcpus: PositiveCount
+    memory_mib: MiB
+    labels: Labels = Field(default_factory=dict)
+    reserved_vcpus: Count = 0
+    reserved_memory_mib: Count = 0
+    cpu_allocation_ratio: Ratio | None = None
+
+    @model_validator(mode="after")
+    def _reserved_within_capacity(self) -> HostCreate:
+        if self.reserved_vcpus > self.vcpus:
+            raise ValueError("reserved_vcpus exceeds vcpus")
+        if self.reserved_memory_mib > self.memory_mib:
+            raise ValueError("reserved_memory_mib exceeds memory_mib")
+        return self
+
+
+class HostPatch(StrictModel):
+    labels: Labels | None = None
+    schedulable: Flag | None = None
+    draining: Flag | None = None
+    reserved_vcpus: Count | None = None
+    reserved_memory_mib: Count | None = None
+    cpu_allocation_ratio: Ratio | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_nulls(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            nulls = [k for k, v in data.items() if v is None]
+            if nulls:
+                raise ValueError(f"fields may be omitted but not null: {', '.join(nulls)}")
+        return data
+
+
+BootId = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9-]+$")]
+
+
+class LoadReport(StrictModel):
+    load_id: uuid.UUID
+    boot_id: BootId
+    kernel: Annotated[str, StringConstraints(min_length=1, max_length=255)]
+    kvm_intel_loaded: Flag
+    tdx_platform: Flag
+    tdx_requested: Flag
+    tdx_effective: Flag
+    keyids_total: Count
+    module_version: Annotated[str, StringConstraints(max_length=64)] | None = None
+    errors: Annotated[list[Annotated[str, StringConstraints(max_length=2000)]], Field(max_length=64)] = Field(
+        default_factory=list
+    )
+    vcpus: PositiveCount | None = None
+    memory_mib: MiB | None = None
+
+
+class Heartbeat(StrictModel):
+    load_id: uuid.UUID
+    keyids_in_use: Count | None = None
+    running_vms: Annotated[list[uuid.UUID], Field(max_length=100_000)] | None = None
+
+
+class TdxOut(BaseModel):
+    state: TdxState
+    reason: str | None
+    keyids_total: int
+    keyids_used: int
+    keyids_observed_in_use: int | None
+    module_version: str | None
+
+
+class LoadRef(BaseModel):
+    id: uuid.UUID
+    boot_id: str
+    kernel: str
+    reported_at: datetime
+
+
+class UsageOut(BaseModel):
+    vcpus: int
+    memory_mib: int
+    vms: int
+
+
+class HostOut(BaseModel):
+    id: uuid.UUID
+    name: str
+    labels: dict[str, str]
+    vcpus: int
+    memory_mib: int
+    reserved_vcpus: int
+    reserved_memory_mib: int
+    cpu_allocation_ratio: float
+    schedulable: bool
+    draining: bool
+    alive: bool
+    last_heartbeat_at: datetime | None
+    tdx: TdxOut
+    load: LoadRef | None
+    usage: UsageOut
+    generation: int
+    created_at: datetime
+    updated_at: datetime
+
+
+class LoadOut(BaseModel):
+    id: uuid.UUID
+    host: str
+    boot_id: str
+    kernel: str
+    kvm_intel_loaded: bool
+    tdx_platform: bool
+    tdx_requested: bool
+    tdx_effective: bool
+    keyids_total: int
+    module_version: str | None
+    errors: list[str]
+    vcpus: int | None
+    memory_mib: int | None
+    tdx_state: TdxState
+    tdx_reason: str | None
+    current: bool
+    reported_at: datetime
+
+
+class HostRegistration(HostCreate):
+    """One host of a batch, with its first kvm_intel load report when it is known already."""
+
+    load: LoadReport | None = None
+
+
+MAX_BATCH = 1000
+
+
+class HostBatch(StrictModel):
+    hosts: Annotated[list[HostRegistration], Field(min_length=1, max_length=MAX_BATCH)]
+
+
+class RegisteredHost(BaseModel):
+    id: uuid.UUID
+    name: str
+    tdx_state: TdxState
+
+
+class HostBatchOut(BaseModel):
+    created: int
+    hosts: list[RegisteredHost]

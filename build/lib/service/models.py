@@ -1,0 +1,201 @@
+"""SQLAlchemy 2 typed models. Every schema change is an Alembic migration (see migrations/)."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    Uuid,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from service.clock import utcnow
+from service.ids import uuid7
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+# SQLite only auto-increments INTEGER PRIMARY KEY; PostgreSQL gets a 64-bit identity.
+BigIntPK = BigInteger().with_variant(Integer(), "sqlite")
+UTCDateTime = DateTime(timezone=True)
+
+ACTIVE_VM_STATUSES = ("scheduled", "running", "deleting")
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class Host(Base):
+    __tablename__ = "hosts"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid7)
+    name: Mapped[str] = mapped_column(String(63), unique=True)
+    labels: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
+    vcpus: Mapped[int] = mapped_column(Integer)
+    memory_mib: Mapped[int] = mapped_column(BigInteger)
+    reserved_vcpus: Mapped[int] = mapped_column(Integer, default=0)
+    reserved_memory_mib: Mapped[int] = mapped_column(BigInteger, default=0)
+    cpu_allocation_ratio: Mapped[float] = mapped_column(Float)
+    schedulable: Mapped[bool] = mapped_column(Boolean, default=True)
+    draining: Mapped[bool] = mapped_column(Boolean, default=False)
+    last_heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Which heartbeat a host.stale event was already written for (liveness itself is derived).
+    stale_reported_for: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    keyids_observed_in_use: Mapped[int | None] = mapped_column(Integer)
+    vms_observed_running: Mapped[int | None] = mapped_column(Integer)
+    # The current load (no foreign key: loads already reference hosts, and a cycle would need
+    # ALTER TABLE constraints that SQLite lacks). Its facts are copied below so that placement
+    # filters run on indexed host columns.
+    current_load_seq: Mapped[int | None] = mapped_column(BigIntPK)
+    tdx_state: Mapped[str] = mapped_column(String(16), default="unknown")
+    tdx_reason: Mapped[str | None] = mapped_column(Text)
+    vm_capable: Mapped[bool] = mapped_column(Boolean, default=False)
+    keyids_total: Mapped[int] = mapped_column(Integer, default=0)
+    used_vcpus: Mapped[int] = mapped_column(Integer, default=0)
+    used_memory_mib: Mapped[int] = mapped_column(BigInteger, default=0)
+    used_keyids: Mapped[int] = mapped_column(Integer, default=0)
+    vm_count: Mapped[int] = mapped_column(Integer, default=0)
+    # memory_mib - reserved_memory_mib - used_memory_mib, kept by every write so that the
+    # placement index walks hosts by free memory (spread: most free first; pack: least first).
+    free_memory_mib: Mapped[int] = mapped_column(BigInteger)
+    generation: Mapped[int] = mapped_column(BigInteger, default=1)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    __table_args__ = (Index("ix_hosts_placement", "tdx_state", "free_memory_mib"),)
+
+
+class HostLabel(Base):
+    """One row per label, so that label selectors are indexed lookups on both databases."""
+
+    __tablename__ = "host_labels"
+
+    host_id: Mapped[uuid.UUID] = mapped_column(
+        Uuid, ForeignKey("hosts.id", ondelete="CASCADE"), primary_key=True
+    )
+    key: Mapped[str] = mapped_column(String(253), primary_key=True)
+    value: Mapped[str] = mapped_column(String(253))
+
+    __table_args__ = (Index("ix_host_labels_key_value", "key", "value", "host_id"),)
+
+
+class Load(Base):
+    """One kvm_intel load on one boot, as its agent reported it. Append-only, facts immutable."""
+
+    __tablename__ = "loads"
+
+    seq: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, unique=True)
+    host_id: Mapped[uuid.UUID] = mapped_column(Uuid, ForeignKey("hosts.id", ondelete="CASCADE"))
+    boot_id: Mapped[str] = mapped_column(String(64))
+    kernel: Mapped[str] = mapped_column(String(255))
+    kvm_intel_loaded: Mapped[bool] = mapped_column(Boolean)
+    tdx_platform: Mapped[bool] = mapped_column(Boolean)
+    tdx_requested: Mapped[bool] = mapped_column(Boolean)
+    tdx_effective: Mapped[bool] = mapped_column(Boolean)
+    keyids_total: Mapped[int] = mapped_column(Integer)
+    module_version: Mapped[str | None] = mapped_column(String(64))
+    errors: Mapped[list[str]] = mapped_column(JSON, default=list)
+    vcpus: Mapped[int | None] = mapped_column(Integer)
+    memory_mib: Mapped[int | None] = mapped_column(BigInteger)
+    tdx_state: Mapped[str] = mapped_column(String(16))
+    tdx_reason: Mapped[str | None] = mapped_column(Text)
+    reported_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    __table_args__ = (Index("ix_loads_host_seq", "host_id", "seq"),)
+
+
+class Vm(Base):
+    __tablename__ = "vms"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid7)
+    name: Mapped[str] = mapped_column(String(63))
+    project: Mapped[str] = mapped_column(String(63))
+    vcpus: Mapped[int] = mapped_column(Integer)
+    memory_mib: Mapped[int] = mapped_column(BigInteger)
+    tdx: Mapped[bool] = mapped_column(Boolean)
+    selector: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
+    anti_affinity_group: Mapped[str | None] = mapped_column(String(63))
+    priority: Mapped[int] = mapped_column(Integer, default=0)
+    status: Mapped[str] = mapped_column(String(16))
+    status_detail: Mapped[str | None] = mapped_column(Text)
+    host_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, ForeignKey("hosts.id", ondelete="SET NULL"))
+    # Kept with the VM so its history still names the host after the host is deleted.
+    host_name: Mapped[str | None] = mapped_column(String(63))
+    explanation: Mapped[str | None] = mapped_column(Text)
+    reasons: Mapped[dict[str, int]] = mapped_column(JSON, default=dict)
+    deadline: Mapped[datetime] = mapped_column(UTCDateTime)
+    generation: Mapped[int] = mapped_column(BigInteger, default=1)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    __table_args__ = (
+        Index("ix_vms_queue", "status", "priority", "created_at"),
+        Index("ix_vms_host_status", "host_id", "status"),
+        Index("ix_vms_group_host", "anti_affinity_group", "host_id"),
+        Index("ix_vms_project_id", "project", "id"),
+    )
+
+
+class IdempotencyKey(Base):
+    __tablename__ = "idempotency_keys"
+
+    principal: Mapped[str] = mapped_column(String(128), primary_key=True)
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    request_hash: Mapped[str] = mapped_column(String(64))
+    # No foreign key: the key is written first, so that a concurrent retry with the same key
+    # waits on it instead of placing a second VM. VMs are never hard-deleted.
+    vm_id: Mapped[uuid.UUID] = mapped_column(Uuid)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+
+
+class Token(Base):
+    __tablename__ = "tokens"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid7)
+    secret_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[str] = mapped_column(String(16))
+    host: Mapped[str | None] = mapped_column(String(63))
+    project: Mapped[str | None] = mapped_column(String(63))
+    description: Mapped[str | None] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class Event(Base):
+    """Append-only log. ids follow commit order (see events.py), so readers can resume from one."""
+
+    __tablename__ = "events"
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    kind: Mapped[str] = mapped_column(String(64))
+    subject: Mapped[str] = mapped_column(String(128))
+    # The owning project of a VM event, so that a client token sees only its own project's events.
+    project: Mapped[str | None] = mapped_column(String(63))
+    data: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+    __table_args__ = (
+        Index("ix_events_kind_id", "kind", "id"),
+        Index("ix_events_subject_id", "subject", "id"),
+        Index("ix_events_project_id", "project", "id"),
+    )

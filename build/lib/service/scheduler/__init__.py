@@ -1,0 +1,1 @@
+"""Filter, then weigh, then claim (DESIGN.md section 4)."""

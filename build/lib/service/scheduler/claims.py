@@ -1,0 +1,85 @@
+"""Atomic resource claims: one conditional UPDATE per host, no lock service.
+
+A claim succeeds only if the host is still at the generation the scheduler looked at and still
+has room; otherwise it changes nothing and the caller moves on to the next candidate. Every
+placement bumps the generation, so two racing claims that both saw generation g cannot both win,
+whatever the number of replicas (PostgreSQL re-checks the WHERE clause on the newest row version
+after a concurrent writer commits; SQLite has one writer at a time).
+
+On PostgreSQL each attempt runs in a savepoint that is rolled back when the claim loses: the
+re-check locks the newest row version *before* it rejects it, and that lock would otherwise stay
+until the end of the transaction, so a loser moving on to its next candidate could hold one host
+while waiting for another, and two losers could deadlock.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from sqlalchemy import BigInteger, Integer, bindparam, update
+from sqlalchemy.orm import Session
+
+from service.clock import utcnow
+from service.models import Host, UTCDateTime
+from service.scheduler.filters import vcpu_limit_sql
+from service.scheduler.types import HostView, VmRequest
+
+# Built once; the values are bound per call (building the statement costs more than running it).
+_CLAIM = (
+    update(Host)
+    .where(
+        Host.id == bindparam("host_id"),
+        Host.generation == bindparam("seen_generation"),
+        Host.used_vcpus + bindparam("need_vcpus", type_=Integer) <= vcpu_limit_sql(),
+        Host.free_memory_mib >= bindparam("need_memory_mib", type_=BigInteger),
+        Host.used_keyids + bindparam("need_keyids", type_=Integer) <= Host.keyids_total,
+    )
+    .values(
+        used_vcpus=Host.used_vcpus + bindparam("need_vcpus", type_=Integer),
+        used_memory_mib=Host.used_memory_mib + bindparam("need_memory_mib", type_=BigInteger),
+        free_memory_mib=Host.free_memory_mib - bindparam("need_memory_mib", type_=BigInteger),
+        used_keyids=Host.used_keyids + bindparam("need_keyids", type_=Integer),
+        vm_count=Host.vm_count + 1,
+        generation=Host.generation + 1,
+        updated_at=bindparam("now", type_=UTCDateTime),
+    )
+)
+
+
+def try_claim(session: Session, host: HostView, req: VmRequest) -> bool:
+    conn = session.connection()
+    savepoint = conn.dialect.name == "postgresql"
+    if savepoint:
+        conn.exec_driver_sql("SAVEPOINT tdx_claim")
+    result = conn.execute(
+        _CLAIM,
+        {
+            "host_id": host.id,
+            "seen_generation": host.generation,
+            "need_vcpus": req.vcpus,
+            "need_memory_mib": req.memory_mib,
+            "need_keyids": req.keyids,
+            "now": utcnow(),
+        },
+    )
+    won = result.rowcount == 1
+    if savepoint:
+        conn.exec_driver_sql("RELEASE SAVEPOINT tdx_claim" if won else "ROLLBACK TO SAVEPOINT tdx_claim")
+    return won
+
+
+def release(session: Session, host_id: uuid.UUID, vcpus: int, memory_mib: int, keyids: int) -> None:
+    session.execute(
+        update(Host)
+        .where(Host.id == host_id)
+        .values(
+            used_vcpus=Host.used_vcpus - vcpus,
+            used_memory_mib=Host.used_memory_mib - memory_mib,
+            free_memory_mib=Host.free_memory_mib + memory_mib,
+            used_keyids=Host.used_keyids - keyids,
+            vm_count=Host.vm_count - 1,
+            generation=Host.generation + 1,
+            updated_at=utcnow(),
+        )
+        .execution_options(synchronize_session=False)
+    )

@@ -1,0 +1,174 @@
+"""Placement: a short list of candidates from SQL, weighed in Python, claimed atomically.
+
+The candidate query walks the ``(tdx_state, free_memory_mib)`` index from the policy's end
+(most free memory first to spread, least first to pack) with every filter's SQL form in the WHERE
+clause, and stops after ``candidate_limit`` rows: the cost of a placement does not grow with the
+fleet. Only when nothing fits does the scheduler count, over all hosts, why.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import BigInteger, Integer, Select, String, and_, bindparam, not_, select, union_all
+from sqlalchemy.orm import Session
+from sqlalchemy.sql.expression import Executable
+
+from service.clock import as_utc
+from service.hosts.readiness import TdxState
+from service.models import Host, UTCDateTime
+from service.scheduler.claims import try_claim
+from service.scheduler.filters import all_rejections
+from service.scheduler.types import Context, HostView, VmRequest
+from service.scheduler.weighers import Weighted, score
+
+# States whose hosts may run a VM of each kind (failed hosts only while kvm_intel is loaded).
+TDX_STATES = (TdxState.READY.value,)
+PLAIN_STATES = (
+    TdxState.DISABLED.value,
+    TdxState.UNSUPPORTED.value,
+    TdxState.FAILED.value,
+    TdxState.READY.value,
+)
+
+_HOST_COLUMNS = (
+    Host.id,
+    Host.name,
+    Host.tdx_state,
+    Host.vm_capable,
+    Host.last_heartbeat_at,
+    Host.schedulable,
+    Host.draining,
+    Host.vcpus,
+    Host.reserved_vcpus,
+    Host.cpu_allocation_ratio,
+    Host.used_vcpus,
+    Host.memory_mib,
+    Host.reserved_memory_mib,
+    Host.used_memory_mib,
+    Host.keyids_total,
+    Host.used_keyids,
+    Host.generation,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    policy: str
+    weighers: tuple[Weighted, ...]
+    candidate_limit: int = 16
+    # Random noise added to scores so that concurrent replicas rarely pick the same host.
+    jitter: float = 0.05
+    rounds: int = 3
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    host: HostView
+    score: float
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    host: HostView | None
+    conflicts: int
+    candidates: tuple[Candidate, ...]
+
+
+def _bucket(state: str, req: VmRequest, ctx: Context, cfg: SchedulerConfig) -> Select[tuple[object, ...]]:
+    passes = [not_(cond) for _, cond in all_rejections(req, ctx)]
+    order = Host.free_memory_mib.desc() if cfg.policy == "spread" else Host.free_memory_mib.asc()
+    return (
+        select(*_HOST_COLUMNS)
+        .where(and_(Host.tdx_state == state, *passes))
+        .order_by(order)
+        .limit(cfg.candidate_limit)
+    )
+
+
+def _build_shortlist(req: VmRequest, ctx: Context, cfg: SchedulerConfig) -> Executable:
+    states = TDX_STATES if req.tdx else PLAIN_STATES
+    if len(states) == 1:
+        return _bucket(states[0], req, ctx, cfg)
+    return union_all(*[select(_bucket(s, req, ctx, cfg).subquery()) for s in states])
+
+
+# Shortlist statements are built once per request shape, with the request's values as bound
+# parameters: building the expression tree and its cache key cost far more than running it.
+_ShapeKey = tuple[bool, str, int, int, bool]
+_shortlists: dict[_ShapeKey, Executable] = {}
+_TEMPLATE_CTX = Context(alive_after=bindparam("alive_after", type_=UTCDateTime))  # type: ignore[arg-type]
+
+
+def _shape(req: VmRequest, cfg: SchedulerConfig) -> _ShapeKey:
+    return (req.tdx, cfg.policy, cfg.candidate_limit, len(req.selector), req.anti_affinity_group is not None)
+
+
+def _shortlist_params(req: VmRequest, ctx: Context) -> dict[str, object]:
+    params: dict[str, object] = {"vcpus": req.vcpus, "memory_mib": req.memory_mib, "alive_after": ctx.alive_after}
+    if req.anti_affinity_group is not None:
+        params["group"] = req.anti_affinity_group
+    for i, (key, value) in enumerate(req.selector):
+        params[f"label_key_{i}"] = key
+        params[f"label_value_{i}"] = value
+    return params
+
+
+def _cached_shortlist(req: VmRequest, cfg: SchedulerConfig) -> Executable:
+    shape = _shape(req, cfg)
+    stmt = _shortlists.get(shape)
+    if stmt is None:
+        template = VmRequest(
+            vcpus=bindparam("vcpus", type_=Integer),  # type: ignore[arg-type]
+            memory_mib=bindparam("memory_mib", type_=BigInteger),  # type: ignore[arg-type]
+            tdx=req.tdx,
+            selector=tuple(
+                (bindparam(f"label_key_{i}", type_=String), bindparam(f"label_value_{i}", type_=String))  # type: ignore[misc]
+                for i in range(len(req.selector))
+            ),
+            anti_affinity_group=None if req.anti_affinity_group is None else bindparam("group", type_=String),  # type: ignore[arg-type]
+        )
+        stmt = _build_shortlist(template, _TEMPLATE_CTX, cfg)
+        _shortlists[shape] = stmt
+    return stmt
+
+
+def shortlist(session: Session, req: VmRequest, ctx: Context, cfg: SchedulerConfig) -> list[HostView]:
+    if session.new or session.dirty or session.deleted:
+        session.flush()  # what autoflush would do: the query sees this transaction's pending changes
+    rows = session.connection().execute(_cached_shortlist(req, cfg), _shortlist_params(req, ctx)).all()
+    return [_view(row) for row in rows]
+
+
+def _view(row: Sequence[Any]) -> HostView:
+    seen = row[4]
+    if seen is not None and seen.tzinfo is None:
+        seen = as_utc(seen)
+    return HostView(row[0], row[1], row[2], row[3], seen, *row[5:])
+
+
+def rank(hosts: list[HostView], req: VmRequest, cfg: SchedulerConfig, rng: random.Random) -> list[Candidate]:
+    scored = [Candidate(h, score(h, req, cfg.weighers)) for h in hosts]
+    noise = {c.host.id: rng.random() * cfg.jitter for c in scored}
+    scored.sort(key=lambda c: (-(c.score + noise[c.host.id]), c.host.name))
+    return scored
+
+
+def place(
+    session: Session, req: VmRequest, ctx: Context, cfg: SchedulerConfig, rng: random.Random
+) -> Placement:
+    """Claim a host for ``req`` in the caller's transaction, or return ``host=None``."""
+    conflicts = 0
+    ranked: list[Candidate] = []
+    for _ in range(cfg.rounds):
+        ranked = rank(shortlist(session, req, ctx, cfg), req, cfg, rng)
+        if not ranked:
+            break
+        for cand in ranked:
+            if try_claim(session, cand.host, req):
+                return Placement(cand.host, conflicts, tuple(ranked))
+            conflicts += 1
+    return Placement(None, conflicts, tuple(ranked))

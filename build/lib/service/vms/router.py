@@ -1,0 +1,123 @@
+"""VM endpoints (API.md, VMs). Thin: parse, authorize, call the service, shape the reply."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from sqlalchemy.orm import Session
+
+from service.auth import Principal, current_principal
+from service.context import AppContext, get_context
+from service.errors import ProblemError
+from service.models import ACTIVE_VM_STATUSES
+from service.pagination import Page, PageParams
+from service.schemas import Name
+from service.vms import service
+from service.vms.lifecycle import VmStatus
+from service.vms.schemas import VmCreate, VmOut, VmStatusReport
+
+router = APIRouter(tags=["vms"])
+
+IdempotencyKeyHeader = Annotated[str | None, Header(alias="Idempotency-Key", min_length=1, max_length=255)]
+
+
+def _cursor(page: PageParams) -> str | None:
+    after = page.after()
+    if after is not None and not isinstance(after, str):
+        raise ProblemError(400, "invalid_cursor", "cursor is not one this server issued")
+    return after
+
+
+@router.post("/v1/vms", status_code=201, response_model=VmOut)
+async def create_vm(
+    body: VmCreate,
+    request: Request,
+    response: Response,
+    idempotency_key: IdempotencyKeyHeader = None,
+    principal: Principal = Depends(current_principal),
+) -> VmOut:
+    principal.require("admin", "client")
+    ctx: AppContext = get_context(request)
+    started = time.perf_counter()
+
+    def _create(s: Session) -> tuple[VmOut, bool, int]:
+        vm, created = service.create_vm(s, body, principal, ctx.placement, ctx.rng, idempotency_key)
+        return service.vm_out(vm), created, s.info.get(service.CLAIM_CONFLICTS, 0)
+
+    vm, created, conflicts = await ctx.db.run(_create)
+    if conflicts:
+        ctx.metrics.claim_conflicts.inc(conflicts)
+    if created:
+        ctx.metrics.placement_seconds.observe(time.perf_counter() - started)
+        ctx.metrics.placements.labels(result=vm.status.value).inc()
+    else:
+        response.status_code = 200
+    response.headers["Location"] = f"/v1/vms/{vm.id}"
+    return vm
+
+
+@router.get("/v1/vms", response_model=Page[VmOut])
+async def list_vms(
+    request: Request,
+    status: VmStatus | None = Query(None),
+    host: Name | None = Query(None),
+    project: Name | None = Query(None),
+    tdx: bool | None = Query(None),
+    page: PageParams = Depends(),
+    principal: Principal = Depends(current_principal),
+) -> Page[VmOut]:
+    principal.require("admin", "reader", "client")
+    if principal.role == "client":
+        if project is not None and project != principal.project:
+            return Page[VmOut](items=[], next=None)
+        project = principal.project
+    filters = service.VmFilters(status=status, host=host, project=project, tdx=tdx)
+    after = _cursor(page)
+    return await get_context(request).db.run(
+        lambda s: service.list_vms(s, filters, after, page.limit), write=False
+    )
+
+
+@router.get("/v1/vms/{vm_id}", response_model=VmOut)
+async def get_vm(vm_id: uuid.UUID, request: Request, principal: Principal = Depends(current_principal)) -> VmOut:
+    return await get_context(request).db.run(
+        lambda s: service.vm_out(service.visible_vm(s, vm_id, principal)), write=False
+    )
+
+
+@router.delete("/v1/vms/{vm_id}", status_code=202, response_model=VmOut)
+async def delete_vm(vm_id: uuid.UUID, request: Request, principal: Principal = Depends(current_principal)) -> VmOut:
+    principal.require("admin", "client")
+    return await get_context(request).db.run(lambda s: service.vm_out(service.delete_vm(s, vm_id, principal)))
+
+
+@router.post("/v1/vms/{vm_id}/status", response_model=VmOut)
+async def report_vm_status(
+    vm_id: uuid.UUID, body: VmStatusReport, request: Request, principal: Principal = Depends(current_principal)
+) -> VmOut:
+    principal.require("admin", "agent")
+    return await get_context(request).db.run(
+        lambda s: service.vm_out(service.report_status(s, vm_id, body, principal))
+    )
+
+
+@router.get("/v1/hosts/{name}/vms", response_model=Page[VmOut])
+async def host_vms(
+    name: Name,
+    request: Request,
+    status: list[VmStatus] | None = Query(None),
+    page: PageParams = Depends(),
+    principal: Principal = Depends(current_principal),
+) -> Page[VmOut]:
+    if principal.role == "agent":
+        principal.require_agent_of(name)
+    else:
+        principal.require("admin", "reader")
+    statuses = tuple(s.value for s in status) if status else ACTIVE_VM_STATUSES
+    after = _cursor(page)
+    return await get_context(request).db.run(
+        lambda s: service.host_vms(s, name, statuses, after, page.limit), write=False
+    )

@@ -1,0 +1,90 @@
+"""VM request and response bodies (API.md, VMs and scheduling insight)."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, Field, StrictInt, StringConstraints
+
+from service.schemas import Flag, Labels, MiB, Name, StrictModel
+from service.vms.lifecycle import VmStatus
+
+Priority = Annotated[StrictInt, Field(ge=-1_000_000, le=1_000_000)]
+
+
+class VmCreate(StrictModel):
+    name: Name
+    vcpus: Annotated[StrictInt, Field(ge=1, le=4096)]
+    memory_mib: MiB
+    tdx: Flag
+    project: Name | None = None
+    selector: Labels = Field(default_factory=dict)
+    anti_affinity_group: Name | None = None
+    priority: Priority = 0
+    schedule_timeout_s: Annotated[StrictInt, Field(ge=1, le=30 * 86400)] | None = None
+
+
+class VmStatusReport(StrictModel):
+    status: Literal["running", "failed", "deleted"]
+    detail: Annotated[str, StringConstraints(max_length=2000)] | None = None
+
+
+class VmOut(BaseModel):
+    id: uuid.UUID
+    name: str
+    project: str
+    vcpus: int
+    memory_mib: int
+    tdx: bool
+    selector: dict[str, str]
+    anti_affinity_group: str | None
+    priority: int
+    status: VmStatus
+    status_detail: str | None
+    host: str | None
+    explanation: str | None
+    reasons: dict[str, int]
+    deadline: datetime
+    generation: int
+    created_at: datetime
+    updated_at: datetime
+
+
+class CandidateOut(BaseModel):
+    host: str
+    score: float
+
+
+class PreviewOut(BaseModel):
+    host: str | None
+    explanation: str
+    reasons: dict[str, int]
+    candidates: list[CandidateOut]
+    hosts_considered: int
+    hosts_fit: int
+
+
+class StateCapacity(BaseModel):
+    hosts: int
+    hosts_alive: int
+    vcpus_free: float
+    memory_mib_free: int
+    keyids_total: int
+    keyids_used: int
+    keyids_free: int
+    keyids_stranded: int
+
+
+class FitOut(BaseModel):
+    vcpus: int
+    memory_mib: int
+    tdx: bool
+    fits_now: int
+
+
+class CapacityOut(BaseModel):
+    by_tdx_state: dict[str, StateCapacity]
+    totals: StateCapacity
+    fit: FitOut | None
