@@ -1,1 +1,0 @@
-"""Filter, then weigh, then claim (DESIGN.md section 4)."""
