@@ -6,6 +6,9 @@ RUN_STAMP := $(VENV)/.installed-server
 DEV_STAMP := $(VENV)/.installed-dev
 HOST ?= 127.0.0.1
 PORT ?= 8080
+# The dashboard's browser test drives Debian's chromium (Playwright never downloads one here).
+CHROMIUM := /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: run test lint typecheck bench bench-full clean
 
@@ -21,10 +24,19 @@ $(DEV_STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[server,test,bench]'
 	touch $(DEV_STAMP) $(RUN_STAMP)
 
+# Installed once, quietly; the apt log is shown only if it fails.
+$(CHROMIUM):
+	@echo "installing Debian's chromium for the dashboard's browser test (once)"
+	@log=$$(mktemp); \
+	{ $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium; } >$$log 2>&1 \
+	  || { cat $$log; rm -f $$log; exit 1; }; \
+	rm -f $$log
+
 run: $(RUN_STAMP)
 	$(BIN)/tdx-service serve --host $(HOST) --port $(PORT)
 
-test: $(DEV_STAMP)
+test: $(DEV_STAMP) $(CHROMIUM)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/pytest

@@ -34,6 +34,7 @@ from service.scheduler.weighers import default_weighers
 from service.tokens import router as tokens_router
 from service.vms.router import router as vms_router
 from service.vms.service import PlacementSettings
+from service.whoami import router as whoami_router
 
 log = logging.getLogger("tdx.app")
 
@@ -133,6 +134,7 @@ def create_app(settings: Settings | None = None, db: Database | None = None) -> 
     app.include_router(scheduling_router)
     app.include_router(events_router)
     app.include_router(dashboard_router)
+    app.include_router(whoami_router)
 
     @app.get("/healthz", tags=["operations"])
     async def healthz() -> dict[str, str]:

@@ -1,25 +1,29 @@
 """``tdxctl``: the operator CLI, built on ``service.client``.
 
-Server and token come from ``--server/--token`` or ``TDX_SERVER``/``TDX_TOKEN``. Reads print a
-table (default) or JSON (``-o json``). Errors print one line on stderr, the problem's detail and
-code, and exit 1 (the server refused) or 3 (no answer from the server); usage errors exit 2.
+Server and token come from ``--server/--token`` or ``TDX_SERVER``/``TDX_TOKEN``. Every list and
+show prints a table (default), a wider table (``-o wide``) or JSON (``-o json``: the API's objects,
+one JSON document, a list as a JSON array; never styled or wrapped). Errors print one line on
+stderr and exit 1 (the server refused; "no VM x" when the thing does not exist) or 3 (no answer
+from the server); usage errors exit 2.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Annotated, Any, NoReturn
 
 import typer
-from rich.console import Console
+from rich.console import Console, RenderableType
 from rich.table import Table
 from rich.text import Text
 
 from service.client import (
+    NOT_ENDED_VM_STATUSES,
     ApiError,
     Capacity,
     ConnectionFailed,
@@ -34,30 +38,63 @@ from service.client import (
     VmFilter,
     VmOptions,
 )
+from service.host_figures import memory_limit_mib, scheduling, vcpu_limit, whole_vcpus
 
 DEFAULT_SERVER = "http://127.0.0.1:8080"
 EXIT_API_ERROR = 1
+EXIT_USAGE = 2
 EXIT_NO_ANSWER = 3
+NATURAL_WIDTH_CAP = 4096  # columns: past that a table row folds after all
 
 TDX_STYLES = {"ready": "green", "disabled": "yellow", "failed": "red", "unsupported": "dim", "unknown": "magenta"}
 VM_STYLES = {
     "running": "green", "scheduled": "cyan", "pending": "yellow", "deleting": "yellow",
     "deleted": "dim", "failed": "red", "lost": "red",
 }
+SCHEDULING_STYLES = {"schedulable": "green", "cordoned": "yellow", "draining": "yellow", "stale": "red"}
 
 
 class Output(StrEnum):
     table = "table"
+    wide = "wide"
     json = "json"
 
 
-OutputOpt = Annotated[Output, typer.Option("--output", "-o", help="table or json")]
+class TdxStateChoice(StrEnum):
+    ready = "ready"
+    disabled = "disabled"
+    failed = "failed"
+    unsupported = "unsupported"
+    unknown = "unknown"
+
+
+class VmStatusChoice(StrEnum):
+    pending = "pending"
+    scheduled = "scheduled"
+    running = "running"
+    deleting = "deleting"
+    deleted = "deleted"
+    failed = "failed"
+    lost = "lost"
+
+
+OutputOpt = Annotated[
+    Output, typer.Option("--output", "-o", help="table, wide (more columns) or json (the API objects)")
+]
 
 
 @dataclass(frozen=True)
 class Target:
     server: str
     token: str | None
+
+
+@dataclass(frozen=True)
+class Subject:
+    """What a command is about, to say "no VM x" when the server does not know it."""
+
+    kind: str
+    ident: str
 
 
 app = typer.Typer(
@@ -92,27 +129,78 @@ def _fail(message: str, code: int) -> NoReturn:
     raise typer.Exit(code)
 
 
+def _is_unknown(exc: ApiError) -> bool:
+    """The server does not know the thing named in the path: 404, or a path value it cannot parse
+    (a VM id that is no UUID, a host name that is no DNS label): no such thing can exist."""
+    if exc.status == 404:
+        return True
+    errors = exc.problem.get("errors")
+    if exc.status != 422 or not isinstance(errors, list) or not errors:
+        return False
+    return all(isinstance(e, dict) and (e.get("loc") or [None])[0] == "path" for e in errors)
+
+
+def _field(loc: Sequence[object]) -> str:
+    parts = [str(p) for p in loc]
+    if parts and parts[0] in ("body", "query", "path", "header"):
+        parts = parts[1:]
+    return ".".join(parts) or "request"
+
+
+def _describe(exc: ApiError) -> str:
+    """One line: what the server said, with the field-level reasons of a validation error."""
+    errors = exc.problem.get("errors")
+    if exc.code == "validation_error" and isinstance(errors, list) and errors:
+        reasons = [
+            f"{_field(e.get('loc') or [])}: {e.get('msg', '')}" for e in errors[:5] if isinstance(e, dict)
+        ]
+        detail = "request is not valid: " + "; ".join(reasons)
+    else:
+        detail = exc.detail
+    return f"{' '.join(detail.split())} ({exc.code}, HTTP {exc.status})"
+
+
 @contextlib.contextmanager
-def _client(ctx: typer.Context) -> Iterator[TdxClient]:
+def _client(ctx: typer.Context, about: Subject | None = None) -> Iterator[TdxClient]:
     target: Target = ctx.obj
     if not target.token:
-        _fail("no token: give --token or set TDX_TOKEN", 2)
+        _fail("no token: give --token or set TDX_TOKEN", EXIT_USAGE)
+    if about is not None and "/" in about.ident:
+        # Never a name or id, and the server would route it to another resource.
+        _fail(f"no {about.kind} {about.ident}", EXIT_API_ERROR)
     try:
         with TdxClient(target.server, target.token) as client:
             yield client
     except ApiError as exc:
-        _fail(f"{' '.join(exc.detail.split())} ({exc.code}, HTTP {exc.status})", EXIT_API_ERROR)
+        if about is not None and _is_unknown(exc):
+            _fail(f"no {about.kind} {about.ident}", EXIT_API_ERROR)
+        _fail(_describe(exc), EXIT_API_ERROR)
     except ConnectionFailed as exc:
         _fail(f"no answer from {target.server}: {exc}", EXIT_NO_ANSWER)
 
 
 def _console() -> Console:
-    # Created per call: the console binds to whatever sys.stdout is now (tests swap it). Piped
-    # output is not cut to 80 columns: rows stay whole for grep and friends.
-    console = Console()
-    if not console.is_terminal:
-        console = Console(width=max(console.width, 200))
-    return console
+    # Created per call: the console binds to whatever sys.stdout is now (tests swap it).
+    return Console()
+
+
+def _show(*parts: RenderableType) -> None:
+    """Print tables and details at their natural width, like kubectl: a narrow terminal wraps the
+    long lines, but no cell is cut or folded into a column of single letters, and piped output
+    keeps every row on one line for grep and friends."""
+    console = _console()
+    for part in parts:
+        if isinstance(part, str):
+            console.print(part, soft_wrap=True)
+            continue
+        need = console.measure(part, options=console.options.update_width(NATURAL_WIDTH_CAP)).maximum
+        wide = console if need <= console.width else Console(width=need)
+        wide.print(part)
+
+
+def _nothing(what: str) -> None:
+    """An empty list: the table's header on stdout, and a word on stderr (as kubectl does)."""
+    typer.echo(f"no {what}", err=True)
 
 
 def _when(timestamp: str | None) -> str:
@@ -121,7 +209,9 @@ def _when(timestamp: str | None) -> str:
 
 
 def _print_json(value: Any) -> None:
-    typer.echo(json.dumps(value, indent=2, sort_keys=True))
+    # Plain text on stdout, never through rich: nothing wraps, styles or highlights it.
+    sys.stdout.write(json.dumps(value, indent=2, sort_keys=True) + "\n")
+    sys.stdout.flush()
 
 
 def _pairs(items: Sequence[str] | None, what: str) -> dict[str, str]:
@@ -170,6 +260,10 @@ def _details(rows: Iterable[tuple[str, str | Text]]) -> Table:
     return grid
 
 
+def _heading(title: str) -> Text:
+    return Text("\n" + title, style="bold")
+
+
 # ---- hosts ------------------------------------------------------------------------------------
 
 
@@ -177,22 +271,47 @@ def _keyids(host: Host) -> str:
     return f"{host['tdx']['keyids_used']}/{host['tdx']['keyids_total']}"
 
 
+def _vcpus(host: Host) -> str:
+    return f"{host['usage']['vcpus']}/{vcpu_limit(host)}"
+
+
+def _memory(host: Host) -> str:
+    return f"{host['usage']['memory_mib']}/{memory_limit_mib(host)}"
+
+
 def _scheduling(host: Host) -> Text:
-    if host["draining"]:
-        return Text("draining", style="yellow")
-    if not host["schedulable"]:
-        return Text("cordoned", style="yellow")
-    return Text("yes", style="green")
+    word = scheduling(host)
+    return Text(word, style=SCHEDULING_STYLES[word])
 
 
-def _hosts_table(hosts: Iterable[Host]) -> Table:
-    table = _table("NAME", "TDX", "KEYIDS", "VCPUS", "MEMORY MIB", "VMS", "SCHEDULABLE", "ALIVE", "LABELS")
+def _alive(host: Host) -> Text:
+    if host["alive"]:
+        return Text("yes", style="green")
+    return Text("never" if host["last_heartbeat_at"] is None else "stale", style="red")
+
+
+def _reason_code(host: Host) -> str:
+    return _or_dash(host["tdx"].get("reason_code"))
+
+
+def _hosts_table(hosts: Iterable[Host], wide: bool) -> Table:
+    columns = ["NAME", "TDX", "KEYIDS", "VCPUS", "MEMORY MIB", "VMS", "SCHEDULING", "ALIVE", "LABELS"]
+    if wide:
+        columns += ["REASON", "MODULE", "KERNEL", "RESERVED VCPUS/MIB", "RATIO", "LAST HEARTBEAT", "GENERATION"]
+    table = _table(*columns)
     for h in hosts:
-        table.add_row(
-            h["name"], _tdx(h["tdx"]["state"]), _keyids(h), f"{h['usage']['vcpus']}/{h['vcpus']}",
-            f"{h['usage']['memory_mib']}/{h['memory_mib']}", str(h["usage"]["vms"]), _scheduling(h),
-            _yes(h["alive"]), _labels(h["labels"]),
-        )
+        row: list[str | Text] = [
+            h["name"], _tdx(h["tdx"]["state"]), _keyids(h), _vcpus(h), _memory(h), str(h["usage"]["vms"]),
+            _scheduling(h), _alive(h), _labels(h["labels"]),
+        ]
+        if wide:
+            load = h["load"]
+            row += [
+                _or_dash(h["tdx"].get("reason_code") or h["tdx"]["reason"]), _or_dash(h["tdx"]["module_version"]),
+                _or_dash(load and load["kernel"]), f"{h['reserved_vcpus']}/{h['reserved_memory_mib']}",
+                f"{h.get('cpu_allocation_ratio', 1.0):g}", _when(h["last_heartbeat_at"]), str(h["generation"]),
+            ]
+        table.add_row(*row)
     return table
 
 
@@ -200,22 +319,30 @@ def _host_details(h: Host) -> Table:
     tdx, load, usage = h["tdx"], h["load"], h["usage"]
     observed = tdx["keyids_observed_in_use"]
     keyids = _keyids(h) + (f" (agent sees {observed} in use)" if observed is not None else "")
+    ratio = h.get("cpu_allocation_ratio", 1.0)
     rows: list[tuple[str, str | Text]] = [
         ("name", h["name"]),
         ("id", h["id"]),
         ("tdx state", _tdx(tdx["state"])),
         ("reason", _or_dash(tdx["reason"])),
+    ]
+    if tdx.get("reason_code"):
+        rows.append(("reason code", _reason_code(h)))
+    if tdx.get("remedy"):
+        rows.append(("remedy", _or_dash(tdx.get("remedy"))))
+    rows += [
         ("keyids used/total", keyids),
         ("module version", _or_dash(tdx["module_version"])),
         ("load", _or_dash(load and load["id"])),
         ("boot id", _or_dash(load and load["boot_id"])),
         ("kernel", _or_dash(load and load["kernel"])),
         ("reported at", _or_dash(load and load["reported_at"])),
-        ("vcpus used/total", f"{usage['vcpus']}/{h['vcpus']} (reserved {h['reserved_vcpus']})"),
-        ("memory used/total", f"{usage['memory_mib']}/{h['memory_mib']} MiB (reserved {h['reserved_memory_mib']})"),
+        ("vcpus used/total", f"{_vcpus(h)} ({h['vcpus']} physical, {h['reserved_vcpus']} reserved, "
+                             f"allocation ratio {ratio:g})"),
+        ("memory used/total", f"{_memory(h)} MiB ({h['memory_mib']} physical, {h['reserved_memory_mib']} reserved)"),
         ("vms", str(usage["vms"])),
-        ("schedulable", _scheduling(h)),
-        ("alive", _yes(h["alive"])),
+        ("scheduling", _scheduling(h)),
+        ("alive", _alive(h)),
         ("last heartbeat", _or_dash(h["last_heartbeat_at"])),
         ("labels", _labels(h["labels"])),
         ("generation", str(h["generation"])),
@@ -227,37 +354,47 @@ def _show_host(host: Host, output: Output) -> None:
     if output is Output.json:
         _print_json(host)
     else:
-        _console().print(_host_details(host))
+        _show(_host_details(host))
 
 
 @hosts_app.command("list")
 def hosts_list(
     ctx: typer.Context,
-    tdx_state: Annotated[str | None, typer.Option(help="ready, disabled, failed, unsupported or unknown")] = None,
+    tdx_state: Annotated[TdxStateChoice | None, typer.Option(help="only hosts in this TDX state")] = None,
     schedulable: Annotated[bool | None, typer.Option("--schedulable/--cordoned", show_default=False)] = None,
     label: Annotated[list[str] | None, typer.Option(help="k=v, repeatable")] = None,
     output: OutputOpt = Output.table,
 ) -> None:
-    """List hosts with their TDX state and KeyIDs."""
+    """List hosts with their TDX state, KeyIDs and placement capacity (used/allocatable)."""
     filters = HostFilter(label=_pairs(label, "--label"))
     if tdx_state is not None:
-        filters["tdx_state"] = tdx_state
+        filters["tdx_state"] = tdx_state.value
     if schedulable is not None:
         filters["schedulable"] = schedulable
     with _client(ctx) as c:
         hosts = list(c.iter_hosts(**filters))
     if output is Output.json:
         _print_json(hosts)
-    else:
-        _console().print(_hosts_table(hosts))
+        return
+    _show(_hosts_table(hosts, output is Output.wide))
+    if not hosts:
+        _nothing("hosts")
 
 
 @hosts_app.command("show")
 def hosts_show(ctx: typer.Context, name: str, output: OutputOpt = Output.table) -> None:
-    """A host's TDX state and reason, KeyIDs, current load, usage and liveness."""
-    with _client(ctx) as c:
+    """A host's TDX state and reason, KeyIDs, current load, usage and liveness (-o wide: its VMs and loads)."""
+    with _client(ctx, Subject("host", name)) as c:
         host = c.get_host(name).host
-    _show_host(host, output)
+        if output is not Output.wide:
+            _show_host(host, output)
+            return
+        vms = c.host_vms(name)
+        loads = c.list_loads(name, limit=5)["items"]
+    _show(
+        _host_details(host), _heading(f"Active VMs ({len(vms)})"), _vms_table(vms, wide=False),
+        _heading("Latest loads"), _loads_table(loads, wide=False),
+    )
 
 
 @hosts_app.command("create")
@@ -281,46 +418,63 @@ def hosts_create(
     _show_host(host, output)
 
 
+def _host_changed(host: Host, message: str, output: Output) -> None:
+    if output is Output.json:
+        _print_json(host)
+    else:
+        typer.echo(message)
+
+
 @hosts_app.command("cordon")
-def hosts_cordon(ctx: typer.Context, name: str) -> None:
+def hosts_cordon(ctx: typer.Context, name: str, output: OutputOpt = Output.table) -> None:
     """No new placements on the host (schedulable=false)."""
-    with _client(ctx) as c:
-        c.patch_host(name, schedulable=False)
-    typer.echo(f"host {name} cordoned")
+    with _client(ctx, Subject("host", name)) as c:
+        host = c.patch_host(name, schedulable=False)
+    _host_changed(host, f"host {name} cordoned", output)
 
 
 @hosts_app.command("uncordon")
-def hosts_uncordon(ctx: typer.Context, name: str) -> None:
+def hosts_uncordon(ctx: typer.Context, name: str, output: OutputOpt = Output.table) -> None:
     """Placements allowed again (schedulable, not draining)."""
-    with _client(ctx) as c:
-        c.patch_host(name, schedulable=True, draining=False)
-    typer.echo(f"host {name} uncordoned")
+    with _client(ctx, Subject("host", name)) as c:
+        host = c.patch_host(name, schedulable=True, draining=False)
+    _host_changed(host, f"host {name} uncordoned", output)
 
 
 @hosts_app.command("drain")
-def hosts_drain(ctx: typer.Context, name: str) -> None:
+def hosts_drain(ctx: typer.Context, name: str, output: OutputOpt = Output.table) -> None:
     """No new placements; the host is marked draining."""
-    with _client(ctx) as c:
+    with _client(ctx, Subject("host", name)) as c:
         host = c.drain_host(name)
-    typer.echo(f"host {name} draining ({host['usage']['vms']} active VMs)")
+    _host_changed(host, f"host {name} draining ({host['usage']['vms']} active VMs)", output)
 
 
 @hosts_app.command("delete")
 def hosts_delete(ctx: typer.Context, name: str) -> None:
     """Remove a host without active VMs."""
-    with _client(ctx) as c:
+    with _client(ctx, Subject("host", name)) as c:
         c.delete_host(name)
     typer.echo(f"host {name} deleted")
 
 
-def _loads_table(loads: Iterable[Load]) -> Table:
-    table = _table("REPORTED", "LOAD", "BOOT ID", "KERNEL", "TDX", "KEYIDS", "MODULE", "CURRENT", "REASON")
+def _loads_table(loads: Iterable[Load], wide: bool) -> Table:
+    columns = ["REPORTED", "LOAD", "BOOT ID", "KERNEL", "TDX", "KEYIDS", "MODULE", "CURRENT", "REASON"]
+    if wide:
+        columns += ["KVM_INTEL", "PLATFORM", "REQUESTED", "EFFECTIVE", "VCPUS", "MEMORY MIB", "ERRORS"]
+    table = _table(*columns)
     for x in loads:
-        table.add_row(
-            _when(x["reported_at"]), x["id"][:8], x["boot_id"], x["kernel"], _tdx(x["tdx_state"]),
-            str(x["keyids_total"]), _or_dash(x["module_version"]), "*" if x["current"] else "",
-            _or_dash(x["tdx_reason"]),
-        )
+        row: list[str | Text] = [
+            _when(x["reported_at"]), x["id"] if wide else x["id"][:8], x["boot_id"], x["kernel"],
+            _tdx(x["tdx_state"]), str(x["keyids_total"]), _or_dash(x["module_version"]),
+            "*" if x["current"] else "", _or_dash(x["tdx_reason"]),
+        ]
+        if wide:
+            row += [
+                _yes(x["kvm_intel_loaded"]), _yes(x["tdx_platform"]), _yes(x["tdx_requested"]),
+                _yes(x["tdx_effective"]), _or_dash(x["vcpus"]), _or_dash(x["memory_mib"]),
+                " | ".join(x["errors"]) or "-",
+            ]
+        table.add_row(*row)
     return table
 
 
@@ -328,16 +482,18 @@ def _loads_table(loads: Iterable[Load]) -> Table:
 def hosts_loads(
     ctx: typer.Context,
     name: str,
-    limit: Annotated[int, typer.Option(help="newest N loads")] = 20,
+    limit: Annotated[int, typer.Option(min=1, max=500, help="newest N loads")] = 20,
     output: OutputOpt = Output.table,
 ) -> None:
     """A host's kvm_intel load history, newest first."""
-    with _client(ctx) as c:
+    with _client(ctx, Subject("host", name)) as c:
         loads = c.list_loads(name, limit=limit)["items"]
     if output is Output.json:
         _print_json(loads)
-    else:
-        _console().print(_loads_table(loads))
+        return
+    _show(_loads_table(loads, output is Output.wide))
+    if not loads:
+        _nothing(f"loads reported for host {name}")
 
 
 # ---- VMs --------------------------------------------------------------------------------------
@@ -347,20 +503,26 @@ def _reasons(reasons: Mapping[str, int]) -> str:
     return ", ".join(f"{k}={v}" for k, v in sorted(reasons.items())) or "-"
 
 
-def _vms_table(vms: Iterable[Vm]) -> Table:
-    table = _table("ID", "NAME", "PROJECT", "STATUS", "TDX", "VCPUS", "MEMORY MIB", "HOST", "EXPLANATION")
+def _vms_table(vms: Iterable[Vm], wide: bool) -> Table:
+    columns = ["ID", "NAME", "PROJECT", "STATUS", "TDX", "VCPUS", "MEMORY MIB", "HOST", "EXPLANATION"]
+    if wide:
+        columns += ["PRIORITY", "SELECTOR", "GROUP", "REASONS", "CREATED", "UPDATED"]
+    table = _table(*columns)
     for v in vms:
-        table.add_row(
+        row: list[str | Text] = [
             v["id"], v["name"], v["project"], _status(v["status"]), "yes" if v["tdx"] else "no", str(v["vcpus"]),
             str(v["memory_mib"]), _or_dash(v["host"]), _or_dash(v["explanation"]),
-        )
+        ]
+        if wide:
+            row += [
+                str(v["priority"]), _labels(v["selector"]), _or_dash(v["anti_affinity_group"]),
+                _reasons(v["reasons"]), _when(v["created_at"]), _when(v["updated_at"]),
+            ]
+        table.add_row(*row)
     return table
 
 
-def _show_vm(v: Vm, output: Output) -> None:
-    if output is Output.json:
-        _print_json(v)
-        return
+def _vm_details(v: Vm) -> Table:
     rows: list[tuple[str, str | Text]] = [
         ("id", v["id"]),
         ("name", v["name"]),
@@ -377,23 +539,38 @@ def _show_vm(v: Vm, output: Output) -> None:
         ("reasons", _reasons(v["reasons"])),
         ("deadline", v["deadline"]),
         ("created", v["created_at"]),
+        ("updated", v["updated_at"]),
     ]
-    _console().print(_details(rows))
+    return _details(rows)
+
+
+def _show_vm(v: Vm, output: Output) -> None:
+    if output is Output.json:
+        _print_json(v)
+    else:
+        _show(_vm_details(v))
 
 
 @vms_app.command("list")
 def vms_list(
     ctx: typer.Context,
-    status: Annotated[str | None, typer.Option()] = None,
+    status: Annotated[
+        list[VmStatusChoice] | None, typer.Option(help="only VMs in this status (repeatable: any of them)")
+    ] = None,
     host: Annotated[str | None, typer.Option()] = None,
     project: Annotated[str | None, typer.Option()] = None,
     tdx: Annotated[bool | None, typer.Option("--tdx/--no-tdx", show_default=False)] = None,
+    all_: Annotated[
+        bool, typer.Option("--all", "-A", help="ended VMs too (deleted, failed, lost); hidden by default")
+    ] = False,
     output: OutputOpt = Output.table,
 ) -> None:
-    """List VMs."""
+    """List VMs: those not ended (pending, scheduled, running, deleting) unless --all or --status."""
     filters = VmFilter()
-    if status is not None:
-        filters["status"] = status
+    if status:
+        filters["status"] = [s.value for s in status]
+    elif not all_:
+        filters["status"] = list(NOT_ENDED_VM_STATUSES)
     if host is not None:
         filters["host"] = host
     if project is not None:
@@ -404,18 +581,32 @@ def vms_list(
         vms = list(c.iter_vms(**filters))
     if output is Output.json:
         _print_json(vms)
-    else:
-        _console().print(_vms_table(vms))
+        return
+    _show(_vms_table(vms, output is Output.wide))
+    if not vms:
+        _nothing("VMs" if status or all_ else "VMs (ended VMs are hidden: --all shows them)")
+
+
+def _vm_events_table(events: Iterable[Event]) -> Table:
+    table = _table("EVENT", "AT", "KIND", "DATA")
+    for e in events:
+        data = {k: v for k, v in e["data"].items() if k != "id"}
+        table.add_row(str(e["id"]), _when(e["at"]), e["kind"], json.dumps(data, sort_keys=True) if data else "-")
+    return table
 
 
 @vms_app.command("show")
 def vms_show(
     ctx: typer.Context, vm_id: Annotated[str, typer.Argument(metavar="ID")], output: OutputOpt = Output.table
 ) -> None:
-    """A VM, where it runs, or why it is pending."""
-    with _client(ctx) as c:
+    """A VM, where it runs, or why it is pending (-o wide: its events too)."""
+    with _client(ctx, Subject("VM", vm_id)) as c:
         vm = c.get_vm(vm_id)
-    _show_vm(vm, output)
+        if output is not Output.wide:
+            _show_vm(vm, output)
+            return
+        events = c.list_events(after=0, subject=vm["id"], limit=500)["items"]
+    _show(_vm_details(vm), _heading("Events"), _vm_events_table(events))
 
 
 NameOpt = Annotated[str, typer.Option(help="VM name (DNS label)")]
@@ -465,28 +656,33 @@ def vms_create(
 
 
 @vms_app.command("delete")
-def vms_delete(ctx: typer.Context, vm_id: Annotated[str, typer.Argument(metavar="ID")]) -> None:
+def vms_delete(
+    ctx: typer.Context, vm_id: Annotated[str, typer.Argument(metavar="ID")], output: OutputOpt = Output.table
+) -> None:
     """Delete a VM (deleting until its agent confirms, or deleted at once if it never started)."""
-    with _client(ctx) as c:
+    with _client(ctx, Subject("VM", vm_id)) as c:
         vm = c.delete_vm(vm_id)
-    typer.echo(f"vm {vm['id']} {vm['status']}")
+    if output is Output.json:
+        _print_json(vm)
+    else:
+        typer.echo(f"vm {vm['id']} {vm['status']}")
 
 
 # ---- scheduling insight -----------------------------------------------------------------------
 
 
 def _show_preview(p: Preview) -> None:
-    console = _console()
-    console.print(_details([
+    parts: list[RenderableType] = [_details([
         ("would land on", Text(p["host"], style="green") if p["host"] else Text("nowhere", style="red")),
         ("explanation", p["explanation"]),
         ("rejections", _reasons(p["reasons"])),
-    ]))
+    ])]
     if p["candidates"]:
         table = _table("CANDIDATE", "SCORE")
         for cand in p["candidates"]:
             table.add_row(cand["host"], f"{cand['score']:.4f}")
-        console.print(table)
+        parts.append(table)
+    _show(*parts)
 
 
 @schedule_app.command("preview")
@@ -519,15 +715,16 @@ def _show_capacity(cap: Capacity) -> None:
     rows.append((Text("total", style="bold"), cap["totals"]))
     for label, e in rows:
         table.add_row(
-            label, str(e["hosts"]), str(e["hosts_alive"]), f"{e['vcpus_free']:g}", str(e["memory_mib_free"]),
-            f"{e['keyids_used']}/{e['keyids_total']}", str(e["keyids_free"]), str(e["keyids_stranded"]),
+            label, str(e["hosts"]), str(e["hosts_alive"]), str(whole_vcpus(e["vcpus_free"])),
+            str(e["memory_mib_free"]), f"{e['keyids_used']}/{e['keyids_total']}", str(e["keyids_free"]),
+            str(e["keyids_stranded"]),
         )
-    console = _console()
-    console.print(table)
+    parts: list[RenderableType] = [table]
     fit = cap["fit"]
     if fit is not None:
         kind = "TDX" if fit["tdx"] else "non-TDX"
-        console.print(f"{fit['fits_now']} {kind} VMs of {fit['vcpus']} vCPUs / {fit['memory_mib']} MiB fit now")
+        parts.append(f"{fit['fits_now']} {kind} VMs of {fit['vcpus']} vCPUs / {fit['memory_mib']} MiB fit now")
+    _show(*parts)
 
 
 @app.command("capacity")
@@ -550,13 +747,22 @@ def capacity(
 # ---- events -----------------------------------------------------------------------------------
 
 
-def _event_line(e: Event) -> Text:
-    line = Text(f"{e['id']:>8}  {_when(e['at'])}  ")
+def _event_line(e: Event, wide: bool) -> Text:
+    line = Text(f"{e['id']:>8}  {e['at'] if wide else _when(e['at'])}  ")
     line.append(e["kind"], style="cyan")
     line.append(f"  {e['subject']}")
     if e["data"]:
         line.append(f"  {json.dumps(e['data'], sort_keys=True)}", style="dim")
     return line
+
+
+def _print_event(console: Console, e: Event, output: Output) -> None:
+    if output is Output.json:
+        sys.stdout.write(json.dumps(e, sort_keys=True) + "\n")
+        sys.stdout.flush()
+    else:
+        # One event, one line, whatever the width: rich would otherwise wrap inside the JSON.
+        console.print(_event_line(e, output is Output.wide), soft_wrap=True)
 
 
 @app.command("events")
@@ -567,42 +773,43 @@ def events(
     ] = None,
     kind: Annotated[list[str] | None, typer.Option(help="kind or prefix* (repeatable)")] = None,
     subject: Annotated[str | None, typer.Option()] = None,
-    limit: Annotated[int, typer.Option(help="at most this many (without --follow)")] = 100,
+    limit: Annotated[int, typer.Option(min=1, max=500, help="at most this many (without --follow)")] = 100,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="stream new events until interrupted")] = False,
     output: OutputOpt = Output.table,
 ) -> None:
-    """The event log; with --follow, a live stream (one JSON object per line with -o json)."""
+    """The event log, one event per line (-o wide: full timestamps); with --follow, a live stream
+    (-o json: a JSON array, or with --follow one JSON object per line)."""
     with _client(ctx) as c:
         if not follow:
             page = c.list_events(after=after or 0, kind=kind, subject=subject, limit=limit)
             if output is Output.json:
                 _print_json(page["items"])
-            else:
-                console = _console()
-                for e in page["items"]:
-                    console.print(_event_line(e))
+                return
+            console = _console()
+            for e in page["items"]:
+                _print_event(console, e, output)
             return
         start = after if after is not None else c.list_events(limit=1, after=0)["head_id"]
         console = _console()
         try:
             for e in c.watch_events(after=start, kind=kind, subject=subject):
-                if output is Output.json:
-                    typer.echo(json.dumps(e, sort_keys=True))
-                else:
-                    console.print(_event_line(e))
+                _print_event(console, e, output)
         except KeyboardInterrupt:
             raise typer.Exit(130) from None
 
 
-# ---- tokens -----------------------------------------------------------------------------------
+# ---- tokens and identity ----------------------------------------------------------------------
 
 
-def _tokens_table(tokens: Iterable[Token]) -> Table:
-    table = _table("ID", "ROLE", "HOST", "PROJECT", "DESCRIPTION", "CREATED", "REVOKED")
+def _tokens_table(tokens: Iterable[Token], wide: bool) -> Table:
+    columns = ["ID", "ROLE", "HOST", "PROJECT", "DESCRIPTION", "CREATED", "REVOKED"]
+    table = _table(*columns)
+    # -o wide: times in full (nothing else to add: a token's secret is never listed).
+    when = _or_dash if wide else _when
     for t in tokens:
         table.add_row(
             t["id"], t["role"], _or_dash(t["host"]), _or_dash(t["project"]), _or_dash(t["description"]),
-            _when(t["created_at"]), _when(t["revoked_at"]),
+            when(t["created_at"]), when(t["revoked_at"]),
         )
     return table
 
@@ -622,9 +829,9 @@ def tokens_create(
     if output is Output.json:
         _print_json(created)
         return
-    console = _console()
-    console.print(_tokens_table([created]))
-    console.print(Text("secret (shown only now): ", style="bold"), Text(created["token"]), soft_wrap=True)
+    _show(_tokens_table([created], output is Output.wide), Text.assemble(
+        ("secret (shown only now): ", "bold"), created["token"]
+    ))
 
 
 @tokens_app.command("list")
@@ -634,16 +841,32 @@ def tokens_list(ctx: typer.Context, output: OutputOpt = Output.table) -> None:
         tokens = list(c.iter_tokens())
     if output is Output.json:
         _print_json(tokens)
-    else:
-        _console().print(_tokens_table(tokens))
+        return
+    _show(_tokens_table(tokens, output is Output.wide))
+    if not tokens:
+        _nothing("tokens")
 
 
 @tokens_app.command("revoke")
 def tokens_revoke(ctx: typer.Context, token_id: Annotated[str, typer.Argument(metavar="ID")]) -> None:
     """Revoke a token: it is refused (401) from now on."""
-    with _client(ctx) as c:
+    with _client(ctx, Subject("token", token_id)) as c:
         c.revoke_token(token_id)
     typer.echo(f"token {token_id} revoked")
+
+
+@app.command("whoami")
+def whoami(ctx: typer.Context, output: OutputOpt = Output.table) -> None:
+    """The role of this token, and the host or project it is bound to."""
+    with _client(ctx) as c:
+        me = c.whoami()
+    if output is Output.json:
+        _print_json(me)
+        return
+    _show(_details([
+        ("role", me["role"]), ("token", me["token_id"]), ("host", _or_dash(me["host"])),
+        ("project", _or_dash(me["project"])), ("server", c.server),
+    ]))
 
 
 def main() -> None:

@@ -22,11 +22,14 @@ from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from types import TracebackType
 from typing import Any, Generic, Literal, NamedTuple, NotRequired, Self, TypedDict, TypeVar, cast
+from urllib.parse import quote
 
 import httpx
 from typing_extensions import Unpack
 
 __all__ = [
+    "ENDED_VM_STATUSES",
+    "NOT_ENDED_VM_STATUSES",
     "ApiError",
     "AsyncTdxClient",
     "BadRequest",
@@ -58,12 +61,16 @@ __all__ = [
     "Vm",
     "VmFilter",
     "VmOptions",
+    "WhoAmI",
 ]
 
 T = TypeVar("T")
 
 TdxState = Literal["unknown", "unsupported", "disabled", "failed", "ready"]
 VmStatus = Literal["pending", "scheduled", "running", "deleting", "deleted", "failed", "lost"]
+# A VM in one of these will not change any more: lists of "current" VMs leave them out.
+ENDED_VM_STATUSES: tuple[VmStatus, ...] = ("deleted", "failed", "lost")
+NOT_ENDED_VM_STATUSES: tuple[VmStatus, ...] = ("pending", "scheduled", "running", "deleting")
 Role = Literal["admin", "reader", "agent", "client"]
 
 # ---- API objects ------------------------------------------------------------------------------
@@ -81,6 +88,8 @@ class TdxInfo(TypedDict):
     keyids_used: int
     keyids_observed_in_use: int | None
     module_version: str | None
+    reason_code: NotRequired[str | None]
+    remedy: NotRequired[str | None]
 
 
 class LoadRef(TypedDict):
@@ -257,6 +266,13 @@ class TokenCreated(Token):
     token: str
 
 
+class WhoAmI(TypedDict):
+    role: Role
+    token_id: str
+    host: str | None
+    project: str | None
+
+
 # ---- keyword options shared by both clients ---------------------------------------------------
 
 
@@ -287,7 +303,7 @@ class HostFilter(TypedDict, total=False):
 
 
 class VmFilter(TypedDict, total=False):
-    status: VmStatus | str
+    status: VmStatus | str | Sequence[str]  # several: any of them
     host: str
     project: str
     tdx: bool
@@ -429,6 +445,13 @@ def _params(**values: object) -> Params:
     return out
 
 
+def _seg(value: object) -> str:
+    """One path segment: "/", "?" and "#" in a name or id stay inside it, and "." or ".." are sent
+    as such (encoded), not resolved away by the URL."""
+    text = quote(str(value), safe="")
+    return text.replace(".", "%2E") if text in (".", "..") else text
+
+
 def _label_params(labels: Sequence[str] | Mapping[str, str] | None) -> list[str] | None:
     if labels is None:
         return None
@@ -469,7 +492,7 @@ class _calls:
 
     @staticmethod
     def revoke_token(token_id: str) -> _Call[None]:
-        return _Call("DELETE", f"/v1/tokens/{token_id}", _nothing, idempotent=True)
+        return _Call("DELETE", f"/v1/tokens/{_seg(token_id)}", _nothing, idempotent=True)
 
     @staticmethod
     def create_host(name: str, vcpus: int, memory_mib: int, options: HostOptions) -> _Call[Host]:
@@ -491,29 +514,30 @@ class _calls:
 
     @staticmethod
     def get_host(name: str) -> _Call[TaggedHost]:
-        return _get(f"/v1/hosts/{name}", _tagged)
+        return _get(f"/v1/hosts/{_seg(name)}", _tagged)
 
     @staticmethod
     def patch_host(name: str, patch: HostPatch, if_match: str | None) -> _Call[Host]:
         headers = {"If-Match": if_match} if if_match is not None else {}
-        return _Call("PATCH", f"/v1/hosts/{name}", _json, body=_options(patch), headers=headers, idempotent=True)
+        path = f"/v1/hosts/{_seg(name)}"
+        return _Call("PATCH", path, _json, body=_options(patch), headers=headers, idempotent=True)
 
     @staticmethod
     def delete_host(name: str) -> _Call[None]:
-        return _Call("DELETE", f"/v1/hosts/{name}", _nothing, idempotent=True)
+        return _Call("DELETE", f"/v1/hosts/{_seg(name)}", _nothing, idempotent=True)
 
     @staticmethod
     def drain_host(name: str) -> _Call[Host]:
-        return _Call("POST", f"/v1/hosts/{name}/drain", _json, idempotent=True)
+        return _Call("POST", f"/v1/hosts/{_seg(name)}/drain", _json, idempotent=True)
 
     @staticmethod
     def report_load(host: str, body: Mapping[str, Any]) -> _Call[Host]:
         # The server answers a repeated load_id with the host, unchanged: safe to retry.
-        return _Call("POST", f"/v1/hosts/{host}/loads", _json, body=dict(body), idempotent=True)
+        return _Call("POST", f"/v1/hosts/{_seg(host)}/loads", _json, body=dict(body), idempotent=True)
 
     @staticmethod
     def list_loads(host: str, limit: int | None, cursor: str | None) -> _Call[Page[Load]]:
-        return _get(f"/v1/hosts/{host}/loads", _json, _page(limit, cursor))
+        return _get(f"/v1/hosts/{_seg(host)}/loads", _json, _page(limit, cursor))
 
     @staticmethod
     def heartbeat(
@@ -524,14 +548,14 @@ class _calls:
             body["keyids_in_use"] = keyids_in_use
         if running_vms is not None:
             body["running_vms"] = [str(v) for v in running_vms]
-        return _Call("POST", f"/v1/hosts/{host}/heartbeat", _json, body=body, idempotent=True)
+        return _Call("POST", f"/v1/hosts/{_seg(host)}/heartbeat", _json, body=body, idempotent=True)
 
     @staticmethod
     def host_vms(
         host: str, status: VmStatus | str | Sequence[str] | None, limit: int | None, cursor: str | None
     ) -> _Call[Page[Vm]]:
         statuses = [status] if isinstance(status, str) else status
-        return _get(f"/v1/hosts/{host}/vms", _json, _params(status=statuses) + _page(limit, cursor))
+        return _get(f"/v1/hosts/{_seg(host)}/vms", _json, _params(status=statuses) + _page(limit, cursor))
 
     @staticmethod
     def create_vm(
@@ -543,21 +567,29 @@ class _calls:
 
     @staticmethod
     def list_vms(filters: VmFilter, limit: int | None, cursor: str | None) -> _Call[Page[Vm]]:
-        return _get("/v1/vms", _json, _params(**filters) + _page(limit, cursor))
+        status = filters.get("status")
+        statuses = None if status is None else [status] if isinstance(status, str) else list(status)
+        params = _params(status=statuses, host=filters.get("host"), project=filters.get("project"),
+                         tdx=filters.get("tdx"))
+        return _get("/v1/vms", _json, params + _page(limit, cursor))
+
+    @staticmethod
+    def whoami() -> _Call[WhoAmI]:
+        return _get("/v1/whoami", _json)
 
     @staticmethod
     def get_vm(vm_id: str | uuid.UUID) -> _Call[Vm]:
-        return _get(f"/v1/vms/{vm_id}", _json)
+        return _get(f"/v1/vms/{_seg(vm_id)}", _json)
 
     @staticmethod
     def delete_vm(vm_id: str | uuid.UUID) -> _Call[Vm]:
-        return _Call("DELETE", f"/v1/vms/{vm_id}", _json, idempotent=True)
+        return _Call("DELETE", f"/v1/vms/{_seg(vm_id)}", _json, idempotent=True)
 
     @staticmethod
     def report_vm_status(vm_id: str | uuid.UUID, status: str, detail: str | None) -> _Call[Vm]:
         # A repeated report of the status the VM already has changes nothing on the server.
         body = _options({"status": status, "detail": detail})
-        return _Call("POST", f"/v1/vms/{vm_id}/status", _json, body=body, idempotent=True)
+        return _Call("POST", f"/v1/vms/{_seg(vm_id)}/status", _json, body=body, idempotent=True)
 
     @staticmethod
     def preview(name: str, vcpus: int, memory_mib: int, tdx: bool, options: VmOptions) -> _Call[Preview]:
@@ -911,6 +943,10 @@ class TdxClient:
                 pause = watch.failed(f"{type(exc).__name__}: {exc}")
             time.sleep(pause)
 
+    def whoami(self) -> WhoAmI:
+        """The role of this client's token, and the host or project it is bound to."""
+        return self._send(_calls.whoami())
+
     def healthz(self) -> dict[str, str]:
         return self._send(_calls.healthz())
 
@@ -1108,6 +1144,9 @@ class AsyncTdxClient:
             except httpx.TransportError as exc:
                 pause = watch.failed(f"{type(exc).__name__}: {exc}")
             await asyncio.sleep(pause)
+
+    async def whoami(self) -> WhoAmI:
+        return await self._send(_calls.whoami())
 
     async def healthz(self) -> dict[str, str]:
         return await self._send(_calls.healthz())

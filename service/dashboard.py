@@ -1,7 +1,9 @@
-"""The read-only web dashboard: one static page that reads the JSON API with the operator's token.
+"""The web dashboard: one static page over the JSON API, with the operator's token.
 
-The page and its assets hold no data and need no token; the page asks for a reader (or admin)
-token and sends it as ``Authorization: Bearer`` on its own GET calls to ``/v1``.
+The page and its assets (``service/static``: the page, its ES modules, its stylesheet) hold no data
+and need no token; the page asks for a reader (or admin) token and sends it as
+``Authorization: Bearer`` on its own calls to ``/v1``: GETs, and for an admin the host PATCHes
+(cordon, uncordon, drain) with ``If-Match``. See README, "The dashboard".
 """
 
 from __future__ import annotations

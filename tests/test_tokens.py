@@ -248,3 +248,21 @@ def test_admin_may_do_everything(api: Api) -> None:
                            headers=api.admin).status_code == 200
     for path in ("/v1/hosts", "/v1/hosts/node-1", "/v1/hosts/node-1/loads", "/v1/tokens", "/v1/events", "/v1/vms"):
         assert api.client.get(path, headers=api.admin).status_code == 200, path
+
+
+def test_whoami_tells_each_token_its_role_and_binding(api: Api, roles: dict[str, dict[str, str]]) -> None:
+    expected = {
+        "reader": ("reader", None, None),
+        "agent": ("agent", "node-1", None),
+        "client": ("client", None, "p1"),
+    }
+    ids = {t["id"] for t in all_pages(api, "/v1/tokens")}
+    for name, headers in roles.items():
+        r = api.client.get("/v1/whoami", headers=headers)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert (body["role"], body["host"], body["project"]) == expected[name]
+        assert body["token_id"] in ids
+    admin = api.client.get("/v1/whoami", headers=api.admin).json()
+    assert admin == {"role": "admin", "token_id": "bootstrap-admin", "host": None, "project": None}
+    assert_problem(api.client.get("/v1/whoami"), 401, "unauthorized")

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import Api
+from tests.helpers import assert_problem
 
 
 def _host(api: Api, name: str) -> dict[str, Any]:
@@ -159,6 +160,25 @@ def test_list_filters_and_cursor_pagination(api: Api) -> None:
     assert all(v["tdx"] for v in tdx_only)
     on_h = api.client.get("/v1/vms?host=h&status=scheduled", headers=api.admin).json()["items"]
     assert all(v["host"] == "h" and v["status"] == "scheduled" for v in on_h)
+
+
+def test_status_filter_repeats_for_any_of_several(api: Api) -> None:
+    api.ready_host("h", keyids=1)
+    placed = api.create_vm(name="p").json()
+    waiting = api.create_vm(name="w").json()
+    gone = api.create_vm(name="g", tdx=False).json()
+    assert api.client.delete(f"/v1/vms/{gone['id']}", headers=api.admin).json()["status"] == "deleted"
+
+    def listed(query: str) -> set[str]:
+        r = api.client.get(f"/v1/vms?{query}", headers=api.admin)
+        assert r.status_code == 200, r.text
+        return {v["id"] for v in r.json()["items"]}
+
+    assert listed("status=pending&status=scheduled") == {placed["id"], waiting["id"]}
+    assert listed("status=deleted") == {gone["id"]}
+    assert listed("status=deleted&status=deleted&status=pending") == {gone["id"], waiting["id"]}
+    assert listed("") == {placed["id"], waiting["id"], gone["id"]}
+    assert_problem(api.client.get("/v1/vms?status=pending&status=gone", headers=api.admin), 422, "validation_error")
 
 
 def test_delete_pending_and_scheduled_vms_at_once(api: Api) -> None:

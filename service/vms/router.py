@@ -62,7 +62,7 @@ async def create_vm(
 @router.get("/v1/vms", response_model=Page[VmOut])
 async def list_vms(
     request: Request,
-    status: VmStatus | None = Query(None),
+    status: list[VmStatus] | None = Query(None, description="repeatable: VMs in any of these statuses"),
     host: Name | None = Query(None),
     project: Name | None = Query(None),
     tdx: bool | None = Query(None),
@@ -74,7 +74,8 @@ async def list_vms(
         if project is not None and project != principal.project:
             return Page[VmOut](items=[], next=None)
         project = principal.project
-    filters = service.VmFilters(status=status, host=host, project=project, tdx=tdx)
+    statuses = tuple(dict.fromkeys(status)) if status else None
+    filters = service.VmFilters(statuses=statuses, host=host, project=project, tdx=tdx)
     after = _cursor(page)
     return await get_context(request).db.run(
         lambda s: service.list_vms(s, filters, after, page.limit), write=False

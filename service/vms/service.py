@@ -43,7 +43,7 @@ class PlacementSettings:
 
 @dataclass(frozen=True, slots=True)
 class VmFilters:
-    status: VmStatus | None = None
+    statuses: tuple[VmStatus, ...] | None = None  # any of these
     host: str | None = None
     project: str | None = None
     tdx: bool | None = None
@@ -239,8 +239,8 @@ def _may_see(vm: Vm, principal: Principal) -> bool:
 
 def list_vms(session: Session, filters: VmFilters, after: str | None, limit: int) -> Page[VmOut]:
     query = select(Vm)
-    if filters.status is not None:
-        query = query.where(Vm.status == filters.status.value)
+    if filters.statuses:
+        query = query.where(Vm.status.in_([s.value for s in filters.statuses]))
     if filters.host is not None:
         query = query.where(Vm.host_name == filters.host)
     if filters.project is not None:

@@ -140,6 +140,22 @@ def test_vm_endpoints(live: LiveServer) -> None:
             c.get_vm(uuid.uuid4())
         assert missing.value.code == "vm_not_found"
 
+        current = [v["id"] for v in c.iter_vms(status=["pending", "scheduled", "running", "deleting"])]
+        assert current == [vm["id"]]
+        assert [v["id"] for v in c.iter_vms(status=("deleted",))] == [plain["id"]]
+
+
+def test_names_and_ids_stay_one_path_segment(live: LiveServer) -> None:
+    live.ready_host("x")
+    with live.admin() as c:
+        # "/" cannot be one: the server routes on the decoded path (tdxctl refuses such names itself).
+        for name in ("x?y", "x#y", "..", ".", "x/../x"):
+            with pytest.raises((NotFound, ValidationFailed)):
+                c.get_host(name)
+        for vm_id in ("../hosts", "x?y"):
+            with pytest.raises((NotFound, ValidationFailed)):
+                c.get_vm(vm_id)
+
 
 def test_client_token_sees_its_project_only(live: LiveServer) -> None:
     live.ready_host("h1")
@@ -222,6 +238,10 @@ def test_tokens(live: LiveServer) -> None:
                 r.list_hosts()
         with pytest.raises(ValidationFailed):
             c.create_token("agent")  # an agent token needs its host
+        assert c.whoami() == {"role": "admin", "token_id": "bootstrap-admin", "host": None, "project": None}
+        client = c.create_token("client", project="p1")
+        with TdxClient(live.url, client["token"]) as r:
+            assert r.whoami() == {"role": "client", "token_id": client["id"], "host": None, "project": "p1"}
 
 
 def test_preview_and_capacity(live: LiveServer) -> None:
