@@ -140,9 +140,9 @@ _ALL = (
     Reason(
         "tdx_refused", FAILED,
         "tdx=1 was asked for but kvm_intel reports tdx=N",
-        "Read the kernel's reason (journalctl -k -b | grep -iE 'tdx|kvm_intel'), fix it, then drain the host and "
-        "reload kvm_intel with tdx=1. Let the agent read the kernel log (it needs CAP_SYSLOG) to see the reason "
-        "here.",
+        "Read the kernel's reason in its log (journalctl -k -b, the virt/tdx and kvm_intel lines), fix it, then "
+        "drain the host and reload kvm_intel with tdx=1. Let the agent read the kernel log (it needs CAP_SYSLOG) "
+        "to see the reason here.",
         False,
     ),
     Reason(
