@@ -291,9 +291,17 @@ def test_a_failed_tdx_module_fails_the_host_and_loses_its_tdx_vms_only(api: Api)
     assert event_kinds(api, after=start) == ["host.tdx_state_changed", "vm.lost", "host.tdx_module_failed"]
     assert api.create_vm(name="td-2").json()["reasons"] == {"tdx_failed": 1}
     assert len(all_pages(api, "/v1/hosts/node-1/loads")) == 1  # the same load, now with a dead module
-    # Saying so again changes nothing more.
+    # Saying so again changes nothing more; neither does the version file going away.
     again = _heartbeat(api, "node-1", beat, agent).json()
     assert again["generation"] == host["generation"]
+    gone = _heartbeat(api, "node-1", {**beat, "module_healthy": None}, agent).json()
+    assert (gone["tdx"]["state"], gone["tdx"]["module_healthy"]) == ("failed", False)
+    # A later update that succeeds (the version reads again) brings the host back.
+    back = _heartbeat(api, "node-1", {**beat, "module_version": "1.5.16", "module_healthy": True}, agent).json()
+    assert (back["tdx"]["state"], back["tdx"]["reason_code"], back["tdx"]["module_version"]) == (
+        "ready", None, "1.5.16"
+    )
+    _heartbeat(api, "node-1", {**beat, "module_healthy": False}, agent)
     # A reboot brings a fresh module: the new load is ready again.
     r = _post_load(api, "node-1", load_body("ready"))
     assert r.json()["tdx"]["state"] == "ready" and r.json()["tdx"]["module_healthy"] is None

@@ -504,11 +504,19 @@ def heartbeat(session: Session, name: str, body: Heartbeat, timeout_s: float) ->
             current_load_id=str(current.id) if current else None,
         )
     sent = body.model_fields_set
-    health_changed = "module_healthy" in sent and body.module_healthy != host.module_healthy
+    # A failed TDX module stays failed until its version reads again: a version file that went away
+    # (its driver unloaded) does not bring the TDs back.
+    health_changed = (
+        "module_healthy" in sent
+        and body.module_healthy != host.module_healthy
+        and not (body.module_healthy is None and host.module_healthy is False)
+    )
     if health_changed:
         # Rare, and it may release VMs: take the row lock a claim or a load report would take.
         session.refresh(host, with_for_update=True)
-        health_changed = body.module_healthy != host.module_healthy
+        health_changed = body.module_healthy != host.module_healthy and not (
+            body.module_healthy is None and host.module_healthy is False
+        )
     now = utcnow()
     was_alive = is_alive(host.last_heartbeat_at, now, timeout_s)
     # Liveness and observations are not desired state: no generation bump, so a heartbeat never
