@@ -240,7 +240,7 @@ def test_first_row_wins_over_every_combination(
 _LINES = [m.render(*([-12] * m.fmt.count("%"))) for m in MESSAGES] + ["virt/tdx: an unknown failure"]
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=1000, deadline=None)
 @given(
     loaded=st.booleans(), platform=st.booleans(), requested=st.booleans(), effective=st.booleans(),
     keyids=st.integers(0, 3), kvm_tdx=st.sampled_from([None, False, True]),

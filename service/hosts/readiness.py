@@ -125,8 +125,10 @@ def derive_readiness(facts: LoadFacts) -> Readiness:
     if not facts.tdx_requested:
         return _disabled(found, True)
     if not facts.tdx_effective:
-        if found:
-            return _verdict(TdxState.FAILED, found[0][0], found[0][1], True)
+        # Only a failure explains a refusal here (the platform flag is set, whatever a line says).
+        failure = next(((c, line) for c, line in found if REASONS[c].state == "failed"), None)
+        if failure is not None:
+            return _verdict(TdxState.FAILED, failure[0], failure[1], True)
         words = facts.errors[0] if facts.errors else _with_note(REASONS["tdx_refused"].summary, facts)
         return _verdict(TdxState.FAILED, "tdx_refused", words, True)
     if facts.keyids_total <= 0:
