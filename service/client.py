@@ -41,11 +41,13 @@ __all__ = [
     "Event",
     "EventPage",
     "Forbidden",
+    "HeartbeatObservations",
     "Host",
     "HostFilter",
     "HostOptions",
     "HostPatch",
     "Load",
+    "LoadReceipt",
     "LoadReport",
     "NotFound",
     "Page",
@@ -84,12 +86,16 @@ class Page(TypedDict, Generic[T]):
 class TdxInfo(TypedDict):
     state: TdxState
     reason: str | None
+    reason_code: NotRequired[str | None]
+    remedy: NotRequired[str | None]
     keyids_total: int
     keyids_used: int
     keyids_observed_in_use: int | None
+    keyids_free: NotRequired[int]
     module_version: str | None
-    reason_code: NotRequired[str | None]
-    remedy: NotRequired[str | None]
+    module_healthy: NotRequired[bool | None]
+    configured: NotRequired[bool | None]
+    next_load: NotRequired[str | None]
 
 
 class LoadRef(TypedDict):
@@ -146,6 +152,25 @@ class LoadReport(TypedDict):
     errors: NotRequired[list[str]]
     vcpus: NotRequired[int | None]
     memory_mib: NotRequired[int | None]
+    kvm_tdx: NotRequired[bool | None]
+    kernel_log: NotRequired[Literal["complete", "rotated", "unreadable"] | None]
+    present_cpus: NotRequired[int | None]
+
+
+class LoadReceipt(NamedTuple):
+    """The answer to a load report: the host, and whether this report recorded a new load (201) or
+    the server already had it (200, a replay)."""
+
+    host: Host
+    created: bool
+
+
+class HeartbeatObservations(TypedDict, total=False):
+    """What an agent observes under the current load (API.md heartbeat), besides KeyIDs and VMs."""
+
+    module_version: str | None
+    module_healthy: bool | None
+    tdx_configured: bool | None
 
 
 class RegisteredHost(TypedDict):
@@ -173,8 +198,13 @@ class Load(TypedDict):
     errors: list[str]
     vcpus: int | None
     memory_mib: int | None
+    kvm_tdx: NotRequired[bool | None]
+    kernel_log: NotRequired[str | None]
+    present_cpus: NotRequired[int | None]
     tdx_state: TdxState
     tdx_reason: str | None
+    tdx_reason_code: NotRequired[str | None]
+    tdx_remedy: NotRequired[str | None]
     current: bool
     reported_at: str
 
@@ -405,6 +435,10 @@ def _nothing(_response: httpx.Response) -> None:
     return None
 
 
+def _receipt(response: httpx.Response) -> LoadReceipt:
+    return LoadReceipt(cast(Host, response.json()), response.status_code == 201)
+
+
 def _tagged(response: httpx.Response) -> TaggedHost:
     return TaggedHost(cast(Host, response.json()), response.headers.get("ETag", ""))
 
@@ -536,18 +570,27 @@ class _calls:
         return _Call("POST", f"/v1/hosts/{_seg(host)}/loads", _json, body=dict(body), idempotent=True)
 
     @staticmethod
+    def submit_load(host: str, body: Mapping[str, Any]) -> _Call[LoadReceipt]:
+        return _Call("POST", f"/v1/hosts/{_seg(host)}/loads", _receipt, body=dict(body), idempotent=True)
+
+    @staticmethod
     def list_loads(host: str, limit: int | None, cursor: str | None) -> _Call[Page[Load]]:
         return _get(f"/v1/hosts/{_seg(host)}/loads", _json, _page(limit, cursor))
 
     @staticmethod
     def heartbeat(
-        host: str, load_id: str | uuid.UUID, keyids_in_use: int | None, running_vms: Sequence[str | uuid.UUID] | None
+        host: str,
+        load_id: str | uuid.UUID,
+        keyids_in_use: int | None,
+        running_vms: Sequence[str | uuid.UUID] | None,
+        observations: HeartbeatObservations,
     ) -> _Call[Host]:
         body: dict[str, Any] = {"load_id": str(load_id)}
         if keyids_in_use is not None:
             body["keyids_in_use"] = keyids_in_use
         if running_vms is not None:
             body["running_vms"] = [str(v) for v in running_vms]
+        body.update(observations)
         return _Call("POST", f"/v1/hosts/{_seg(host)}/heartbeat", _json, body=body, idempotent=True)
 
     @staticmethod
@@ -854,6 +897,10 @@ class TdxClient:
     def report_load(self, host: str, body: Mapping[str, Any]) -> Host:
         return self._send(_calls.report_load(host, body))
 
+    def submit_load(self, host: str, body: Mapping[str, Any]) -> LoadReceipt:
+        """Like ``report_load``, and says whether the report recorded a new load or was a replay."""
+        return self._send(_calls.submit_load(host, body))
+
     def list_loads(self, host: str, *, limit: int | None = None, cursor: str | None = None) -> Page[Load]:
         return self._send(_calls.list_loads(host, limit, cursor))
 
@@ -866,8 +913,9 @@ class TdxClient:
         load_id: str | uuid.UUID,
         keyids_in_use: int | None = None,
         running_vms: Sequence[str | uuid.UUID] | None = None,
+        **observations: Unpack[HeartbeatObservations],
     ) -> Host:
-        return self._send(_calls.heartbeat(host, load_id, keyids_in_use, running_vms))
+        return self._send(_calls.heartbeat(host, load_id, keyids_in_use, running_vms, observations))
 
     def host_vms(self, host: str, status: VmStatus | str | Sequence[str] | None = None) -> list[Vm]:
         """Every VM assigned to ``host`` (by default the active ones), all pages."""
@@ -1058,6 +1106,10 @@ class AsyncTdxClient:
     async def report_load(self, host: str, body: Mapping[str, Any]) -> Host:
         return await self._send(_calls.report_load(host, body))
 
+    async def submit_load(self, host: str, body: Mapping[str, Any]) -> LoadReceipt:
+        """Like ``report_load``, and says whether the report recorded a new load or was a replay."""
+        return await self._send(_calls.submit_load(host, body))
+
     async def list_loads(self, host: str, *, limit: int | None = None, cursor: str | None = None) -> Page[Load]:
         return await self._send(_calls.list_loads(host, limit, cursor))
 
@@ -1070,8 +1122,9 @@ class AsyncTdxClient:
         load_id: str | uuid.UUID,
         keyids_in_use: int | None = None,
         running_vms: Sequence[str | uuid.UUID] | None = None,
+        **observations: Unpack[HeartbeatObservations],
     ) -> Host:
-        return await self._send(_calls.heartbeat(host, load_id, keyids_in_use, running_vms))
+        return await self._send(_calls.heartbeat(host, load_id, keyids_in_use, running_vms, observations))
 
     async def host_vms(self, host: str, status: VmStatus | str | Sequence[str] | None = None) -> list[Vm]:
         return [vm async for vm in self._pages(_calls.host_vms(host, status, None, None))]

@@ -62,14 +62,21 @@ class Host(Base):
     stale_reported_for: Mapped[datetime | None] = mapped_column(UTCDateTime)
     keyids_observed_in_use: Mapped[int | None] = mapped_column(Integer)
     vms_observed_running: Mapped[int | None] = mapped_column(Integer)
+    # Heartbeat observations (agent/observations.py): never part of a load's facts.
+    module_version: Mapped[str | None] = mapped_column(String(64))
+    module_healthy: Mapped[bool | None] = mapped_column(Boolean)
+    tdx_configured: Mapped[bool | None] = mapped_column(Boolean)
     # The current load (no foreign key: loads already reference hosts, and a cycle would need
     # ALTER TABLE constraints that SQLite lacks). Its facts are copied below so that placement
     # filters run on indexed host columns.
     current_load_seq: Mapped[int | None] = mapped_column(BigIntPK)
     tdx_state: Mapped[str] = mapped_column(String(16), default="unknown")
     tdx_reason: Mapped[str | None] = mapped_column(Text)
+    tdx_reason_code: Mapped[str | None] = mapped_column(String(64))
     vm_capable: Mapped[bool] = mapped_column(Boolean, default=False)
     keyids_total: Mapped[int] = mapped_column(Integer, default=0)
+    # A TD's vCPUs never exceed the host's present CPUs (KVM caps them there); None: not reported.
+    present_cpus: Mapped[int | None] = mapped_column(Integer)
     used_vcpus: Mapped[int] = mapped_column(Integer, default=0)
     used_memory_mib: Mapped[int] = mapped_column(BigInteger, default=0)
     used_keyids: Mapped[int] = mapped_column(Integer, default=0)
@@ -117,8 +124,12 @@ class Load(Base):
     errors: Mapped[list[str]] = mapped_column(JSON, default=list)
     vcpus: Mapped[int | None] = mapped_column(Integer)
     memory_mib: Mapped[int | None] = mapped_column(BigInteger)
+    kvm_tdx: Mapped[bool | None] = mapped_column(Boolean)
+    kernel_log: Mapped[str | None] = mapped_column(String(16))
+    present_cpus: Mapped[int | None] = mapped_column(Integer)
     tdx_state: Mapped[str] = mapped_column(String(16))
     tdx_reason: Mapped[str | None] = mapped_column(Text)
+    tdx_reason_code: Mapped[str | None] = mapped_column(String(64))
     reported_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     __table_args__ = (Index("ix_loads_host_seq", "host_id", "seq"),)

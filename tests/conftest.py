@@ -166,7 +166,7 @@ def load_body(state: str = "ready", keyids: int = 15, **facts: Any) -> dict[str,
     elif state == "disabled":
         base.update(tdx_requested=False, tdx_effective=False)
     elif state == "failed":
-        base.update(tdx_effective=False, errors=["virt/tdx: module initialization failed (-5)"])
+        base.update(tdx_effective=False, errors=["kvm_intel: APICv is required for TDX"])
     elif state == "no_kvm":
         base.update(kvm_intel_loaded=False, tdx_effective=False, keyids_total=0)
     base.update(facts)

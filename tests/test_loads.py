@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from service.tdx_reasons import REASONS
 from tests.conftest import Api, load_body
 from tests.helpers import all_pages, assert_problem, event_kinds, head_id, snapshot
 
@@ -31,49 +32,68 @@ def _heartbeat(api: Api, host: str, body: dict[str, Any], headers: dict[str, str
 STATE_ROWS = [
     pytest.param(
         {"tdx_platform": False, "tdx_requested": False, "tdx_effective": False, "keyids_total": 0},
-        "unsupported", None, id="no-platform-unsupported",
+        "unsupported", "platform_without_tdx", None, id="no-platform-unsupported",
+    ),
+    pytest.param(
+        {"kvm_tdx": False, "tdx_effective": False, "keyids_total": 0},
+        "unsupported", "kernel_without_kvm_tdx",
+        "kernel has no KVM TDX support (Linux 6.16+ with KVM_INTEL_TDX needed)", id="no-kvm-tdx-unsupported",
+    ),
+    pytest.param(
+        {"tdx_platform": False, "tdx_effective": False, "keyids_total": 0,
+         "errors": ["virt/tdx: initialization failed: Hibernation support is enabled",
+                    "kvm_intel: tdx: no TDX private KeyIDs available"]},
+        "failed", "hibernation_enabled", "virt/tdx: initialization failed: Hibernation support is enabled",
+        id="hibernation-failed-not-unsupported",
     ),
     pytest.param(
         {"kvm_intel_loaded": False, "tdx_effective": False, "keyids_total": 0, "errors": []},
-        "failed", None, id="kvm-intel-not-loaded-failed",
+        "failed", "kvm_intel_not_loaded", "kvm_intel is not loaded: no VM can run", id="kvm-intel-not-loaded-failed",
     ),
     pytest.param(
         {"kvm_intel_loaded": False, "tdx_effective": False, "errors": ["kvm_intel: tdx: oops", "second"]},
-        "failed", "kvm_intel: tdx: oops", id="kvm-intel-not-loaded-first-error",
+        "failed", "kvm_intel_not_loaded", "kvm_intel: tdx: oops", id="kvm-intel-not-loaded-first-error",
     ),
-    pytest.param({"tdx_requested": False, "tdx_effective": False}, "disabled", None, id="not-requested-disabled"),
     pytest.param(
-        {"tdx_effective": False, "errors": ["virt/tdx: module initialization failed (-5)", "later error"]},
-        "failed", "virt/tdx: module initialization failed (-5)", id="requested-not-effective-first-error",
+        {"kvm_intel_loaded": False, "tdx_effective": False, "errors": ["virt/tdx: module initialization failed (-12)"]},
+        "failed", "pamt_alloc_failed", "kvm_intel did not load: virt/tdx: module initialization failed (-12)",
+        id="pamt-failed",
     ),
-    pytest.param({"tdx_effective": False, "errors": []}, "failed", None, id="requested-not-effective-no-error"),
-    pytest.param({"keyids_total": 0, "errors": []}, "failed", None, id="zero-keyids-failed"),
+    pytest.param({"tdx_requested": False, "tdx_effective": False}, "disabled", "not_opted_in", None,
+                 id="not-requested-disabled"),
     pytest.param(
-        {"keyids_total": 0, "errors": ["kvm_intel: tdx: no TDX private KeyIDs available"]},
-        "failed", "kvm_intel: tdx: no TDX private KeyIDs available", id="zero-keyids-first-error",
+        {"tdx_effective": False, "errors": ["kvm_intel: APICv is required for TDX", "later error"]},
+        "failed", "missing_apicv", "kvm_intel: APICv is required for TDX", id="requested-not-effective-kernel-words",
     ),
-    pytest.param({}, "ready", None, id="ready"),
+    pytest.param({"tdx_effective": False, "errors": []}, "failed", "tdx_refused", None,
+                 id="requested-not-effective-no-error"),
+    pytest.param({"keyids_total": 0, "errors": []}, "failed", "keyids_unknown", None, id="zero-keyids-failed"),
+    pytest.param({}, "ready", None, None, id="ready"),
 ]
 
 
-@pytest.mark.parametrize(("facts", "state", "reason"), STATE_ROWS)
-def test_state_derivation_table(api: Api, facts: dict[str, Any], state: str, reason: str | None) -> None:
+@pytest.mark.parametrize(("facts", "state", "code", "reason"), STATE_ROWS)
+def test_state_derivation_table(
+    api: Api, facts: dict[str, Any], state: str, code: str | None, reason: str | None
+) -> None:
     api.create_host("node-1")
     body = load_body("ready", 15, **facts)
     r = _post_load(api, "node-1", body)
     assert r.status_code == 201, r.text
     tdx = r.json()["tdx"]
     assert tdx["state"] == state
+    assert tdx["reason_code"] == code
     if state == "ready":
-        assert tdx["reason"] is None
+        assert (tdx["reason"], tdx["remedy"]) == (None, None)
     else:
         assert isinstance(tdx["reason"], str) and tdx["reason"]
+        assert tdx["remedy"] == REASONS[code].remedy
     if reason is not None:
         assert tdx["reason"] == reason
     assert tdx["keyids_total"] == body["keyids_total"]
     assert _host(api, "node-1")["tdx"] == tdx
-    loads = all_pages(api, "/v1/hosts/node-1/loads")
-    assert [ld["tdx_state"] for ld in loads] == [state]
+    (load,) = all_pages(api, "/v1/hosts/node-1/loads")
+    assert (load["tdx_state"], load["tdx_reason_code"], load["tdx_remedy"]) == (state, code, tdx["remedy"])
 
 
 def test_failed_host_without_kvm_intel_runs_no_vm_at_all(api: Api) -> None:
@@ -159,7 +179,8 @@ def test_identical_replay_is_200_and_records_nothing(api: Api) -> None:
 @pytest.mark.parametrize(
     "change",
     [{"keyids_total": 7}, {"tdx_effective": False}, {"kernel": "6.17.0"}, {"errors": ["x"]},
-     {"boot_id": "another-boot"}, {"module_version": None}],
+     {"boot_id": "another-boot"}, {"module_version": None}, {"kvm_tdx": True}, {"kernel_log": "rotated"},
+     {"present_cpus": 8}],
 )
 def test_same_load_id_with_other_facts_is_409(api: Api, change: dict[str, Any]) -> None:
     api.create_host("node-1")
@@ -207,6 +228,83 @@ def test_heartbeat_stores_observations_without_bumping_generation(api: Api) -> N
     # Omitted observations keep the last value.
     r = _heartbeat(api, "node-1", {"load_id": body["load_id"]}, agent)
     assert r.json()["tdx"]["keyids_observed_in_use"] == 3
+
+
+def test_module_version_and_opt_in_intent_are_heartbeat_observations(api: Api) -> None:
+    # A TDX module version appearing or changing (a runtime update) and an edit of modprobe.d are
+    # observations of the current load: no new load, no generation bump.
+    api.create_host("node-1")
+    body = api.report_load("node-1", "disabled", module_version=None)
+    agent = api.token("agent", host="node-1")
+    before = _host(api, "node-1")
+    assert (before["tdx"]["module_version"], before["tdx"]["configured"], before["tdx"]["next_load"]) == (
+        None, None, None
+    )
+    beat = {"load_id": body["load_id"], "module_version": "1.5.06", "module_healthy": True, "tdx_configured": True}
+    host = _heartbeat(api, "node-1", beat, agent).json()
+    assert host["tdx"]["module_version"] == "1.5.06"
+    assert host["tdx"]["configured"] is True
+    assert host["tdx"]["next_load"] == "opt-in configured: takes effect at the next kvm_intel load"
+    assert (host["tdx"]["state"], host["generation"], host["load"]["id"]) == (
+        "disabled", before["generation"], body["load_id"]
+    )
+    host = _heartbeat(api, "node-1", {**beat, "module_version": "1.5.16"}, agent).json()
+    assert host["tdx"]["module_version"] == "1.5.16"
+    assert len(all_pages(api, "/v1/hosts/node-1/loads")) == 1
+
+
+def test_a_one_off_opt_in_that_is_not_persisted_is_flagged(api: Api) -> None:
+    api.create_host("node-1")
+    body = api.report_load("node-1", "ready")
+    host = _heartbeat(api, "node-1", {"load_id": body["load_id"], "tdx_configured": False}).json()
+    assert host["tdx"]["next_load"] == (
+        "opt-in not configured: the next kvm_intel load (and a reboot) comes up without tdx=1"
+    )
+    host = _heartbeat(api, "node-1", {"load_id": body["load_id"], "tdx_configured": True}).json()
+    assert host["tdx"]["next_load"] is None
+
+
+def test_a_failed_tdx_module_fails_the_host_and_loses_its_tdx_vms_only(api: Api) -> None:
+    api.create_host("node-1", vcpus=16, memory_mib=32768)
+    body = api.report_load("node-1", "ready", module_version=None)
+    td = api.create_vm(name="td", vcpus=2, memory_mib=2048).json()
+    plain = api.create_vm(name="plain", vcpus=2, memory_mib=2048, tdx=False).json()
+    assert td["host"] == plain["host"] == "node-1"
+    agent = api.token("agent", host="node-1")
+    _heartbeat(api, "node-1", {"load_id": body["load_id"], "module_version": "1.5.06", "module_healthy": True}, agent)
+    start = head_id(api)
+    before = _host(api, "node-1")
+
+    # A runtime TDX module update failed: the version file cannot be read any more.
+    beat = {"load_id": body["load_id"], "module_version": None, "module_healthy": False}
+    host = _heartbeat(api, "node-1", beat, agent).json()
+
+    assert (host["tdx"]["state"], host["tdx"]["reason_code"]) == ("failed", "tdx_module_update_failed")
+    assert host["tdx"]["remedy"] == REASONS["tdx_module_update_failed"].remedy
+    assert host["tdx"]["module_healthy"] is False
+    assert host["generation"] > before["generation"]
+    assert host["usage"] == {"vcpus": 2, "memory_mib": 2048, "vms": 1}
+    assert host["tdx"]["keyids_used"] == 0
+    got = api.client.get(f"/v1/vms/{td['id']}", headers=api.admin).json()
+    assert (got["status"], got["status_detail"]) == ("lost", "the host's TDX module failed")
+    assert api.client.get(f"/v1/vms/{plain['id']}", headers=api.admin).json()["status"] == "scheduled"
+    assert event_kinds(api, after=start) == ["host.tdx_state_changed", "vm.lost", "host.tdx_module_failed"]
+    assert api.create_vm(name="td-2").json()["reasons"] == {"tdx_failed": 1}
+    assert len(all_pages(api, "/v1/hosts/node-1/loads")) == 1  # the same load, now with a dead module
+    # Saying so again changes nothing more; neither does the version file going away.
+    again = _heartbeat(api, "node-1", beat, agent).json()
+    assert again["generation"] == host["generation"]
+    gone = _heartbeat(api, "node-1", {**beat, "module_healthy": None}, agent).json()
+    assert (gone["tdx"]["state"], gone["tdx"]["module_healthy"]) == ("failed", False)
+    # A later update that succeeds (the version reads again) brings the host back.
+    back = _heartbeat(api, "node-1", {**beat, "module_version": "1.5.16", "module_healthy": True}, agent).json()
+    assert (back["tdx"]["state"], back["tdx"]["reason_code"], back["tdx"]["module_version"]) == (
+        "ready", None, "1.5.16"
+    )
+    _heartbeat(api, "node-1", {**beat, "module_healthy": False}, agent)
+    # A reboot brings a fresh module: the new load is ready again.
+    r = _post_load(api, "node-1", load_body("ready"))
+    assert r.json()["tdx"]["state"] == "ready" and r.json()["tdx"]["module_healthy"] is None
 
 
 def test_heartbeat_for_an_old_load_is_stale_and_changes_nothing(api: Api) -> None:

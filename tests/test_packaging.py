@@ -124,7 +124,7 @@ def _light(module: str, *args: str) -> subprocess.CompletedProcess[str]:
 def test_the_agent_runs_without_the_service_packages() -> None:
     r = _light("service.agent.main", "probe", "--root", str(FIXTURE_HOST))
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["kvm_intel_loaded"] is True
+    assert json.loads(r.stdout)["load"]["kvm_intel_loaded"] is True
 
 
 def test_tdxctl_and_the_client_run_without_the_service_packages() -> None:

@@ -68,13 +68,54 @@ def test_tdx_vm_never_lands_on_a_host_that_did_not_opt_in(api: Api) -> None:
 
 def test_memory_is_never_overcommitted_and_vcpus_follow_the_allocation_ratio(api: Api) -> None:
     api.ready_host("h", vcpus=4, memory_mib=4096, cpu_allocation_ratio=2.0, keyids=100)
-    assert api.create_vm(name="a", vcpus=6, memory_mib=1024).json()["status"] == "scheduled"
+    assert api.create_vm(name="a", vcpus=6, memory_mib=1024, tdx=False).json()["status"] == "scheduled"
     second = api.create_vm(name="b", vcpus=3, memory_mib=1024).json()
     assert second["reasons"] == {"insufficient_vcpus": 1}
     assert api.create_vm(name="c", vcpus=2, memory_mib=3072).json()["status"] == "scheduled"
     third = api.create_vm(name="d", vcpus=1, memory_mib=1).json()
     assert third["status"] == "pending"
     assert third["explanation"] == "0/1 hosts fit: 1 insufficient_vcpus (needs 1 vCPUs, most free 0)"
+
+
+def test_a_td_never_gets_more_vcpus_than_the_host_has_cpus(api: Api) -> None:
+    # KVM caps a TD at the present CPUs whatever the allocation ratio; an ordinary VM may over-commit.
+    api.create_host("h", vcpus=8, memory_mib=65536, cpu_allocation_ratio=4.0)
+    api.report_load("h", "ready", 15, present_cpus=8)
+    td = api.create_vm(name="big-td", vcpus=9, memory_mib=1024).json()
+    assert td["status"] == "pending"
+    assert td["reasons"] == {"td_vcpus_exceed_host": 1}
+    assert td["explanation"] == (
+        "0/1 hosts fit: 1 td_vcpus_exceed_host (a TD gets at most the host's CPUs: needs 9 vCPUs, largest host has 8)"
+    )
+    assert api.create_vm(name="td", vcpus=8, memory_mib=1024).json()["status"] == "scheduled"
+    assert api.create_vm(name="vm", vcpus=9, memory_mib=1024, tdx=False).json()["status"] == "scheduled"
+
+
+def test_the_td_cap_falls_back_to_the_registered_cpus(api: Api) -> None:
+    api.ready_host("h", vcpus=4, memory_mib=65536, cpu_allocation_ratio=8.0)  # no present_cpus reported
+    assert api.create_vm(name="td", vcpus=5, memory_mib=64).json()["reasons"] == {"td_vcpus_exceed_host": 1}
+
+
+def test_keyids_observed_in_use_count_against_placement(api: Api) -> None:
+    # TDs started outside the control plane (or leaked KeyIDs) hold KeyIDs too: free = total -
+    # max(claimed, observed in use).
+    load = api.ready_host("h", keyids=3)
+    assert api.create_vm(name="t0", vcpus=1, memory_mib=64).json()["status"] == "scheduled"
+    r = api.client.post("/v1/hosts/h/heartbeat", json={"load_id": load["load_id"], "keyids_in_use": 3},
+                        headers=api.admin)
+    assert r.json()["tdx"]["keyids_free"] == 0
+    vm = api.create_vm(name="t1", vcpus=1, memory_mib=64).json()
+    assert vm["reasons"] == {"keyids_exhausted": 1}
+    assert vm["explanation"] == (
+        "0/1 hosts fit: 1 keyids_exhausted (KeyIDs free = total - max(claimed, observed in use), "
+        "at best 3 - max(1, 3) = 0)"
+    )
+    capacity = api.client.get("/v1/capacity", params={"vcpus": 1, "memory_mib": 64, "tdx": "true"},
+                              headers=api.admin).json()
+    assert (capacity["by_tdx_state"]["ready"]["keyids_free"], capacity["fit"]["fits_now"]) == (0, 0)
+    # The agent sees the outside TD gone: the KeyID is free again.
+    api.client.post("/v1/hosts/h/heartbeat", json={"load_id": load["load_id"], "keyids_in_use": 1}, headers=api.admin)
+    assert api.create_vm(name="t2", vcpus=1, memory_mib=64).json()["status"] == "scheduled"
 
 
 def test_one_keyid_per_tdx_vm_bounded_by_the_load(api: Api) -> None:

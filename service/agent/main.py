@@ -1,8 +1,8 @@
 """``tdx-agent``: ``probe`` prints this host's load facts as JSON; ``run`` reports them and heartbeats.
 
 Exit codes: 0 done, 1 stopped by the server or the host (one line on stderr: a refused token, an
-unknown host, a refused load, an unwritable state dir, ``--once`` with the server down), 2 bad
-arguments, 130 interrupted.
+unknown host, a refused load, an unwritable state dir, an unreadable boot id, ``--once`` with the
+server down), 2 bad arguments, 130 interrupted.
 """
 
 from __future__ import annotations
@@ -14,13 +14,12 @@ import logging
 import os
 import re
 import sys
-import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from service.agent.loop import Agent, AgentConfig, AgentError
-from service.agent.probe import probe
+from service.agent.loop import DEFAULT_SETTLE_S, Agent, AgentConfig, AgentError
+from service.agent.probe import ProbeError, probe
 from service.agent.state import StateStore
 from service.client import ApiError, TdxClient
 
@@ -51,7 +50,9 @@ def _parser() -> argparse.ArgumentParser:
             help="kernel log to read (default <root>/dev/kmsg; on / falls back to dmesg when unreadable)",
         )
 
-    p_probe = sub.add_parser("probe", help="print the load facts as JSON (the load-report body + keyids_in_use)")
+    p_probe = sub.add_parser(
+        "probe", help="print what would be reported now as JSON: {load: <load report>, heartbeat: <observations>}"
+    )
     host_args(p_probe)
 
     p_run = sub.add_parser("run", help="report the kvm_intel load, then heartbeat")
@@ -63,6 +64,11 @@ def _parser() -> argparse.ArgumentParser:
     p_run.add_argument(
         "--state-dir", default=os.environ.get("STATE_DIRECTORY") or DEFAULT_STATE_DIR,
         help=f"where the reported load is kept (default $STATE_DIRECTORY or {DEFAULT_STATE_DIR})",
+    )
+    p_run.add_argument(
+        "--settle", type=float, default=DEFAULT_SETTLE_S, metavar="SECONDS",
+        help="wait this long for kvm_intel (autoloaded at boot, or being reloaded) before reporting it "
+        f"not loaded (default {DEFAULT_SETTLE_S:g})",
     )
     p_run.add_argument("--once", action="store_true", help="one load report and one heartbeat, then exit")
     return parser
@@ -88,8 +94,11 @@ def _run_config(args: argparse.Namespace) -> tuple[str, str, AgentConfig]:
         raise UsageError(f"--host {args.host!r} is not a valid host name (lowercase letters, digits, '-', 1..63)")
     if not args.interval > 0:
         raise UsageError("--interval must be > 0 seconds")
+    if not 0 <= args.settle <= 3600:
+        raise UsageError("--settle must be between 0 and 3600 seconds")
     config = AgentConfig(
-        host=args.host, root=_root(args.root), kernel_log=args.kernel_log, interval_s=args.interval, once=args.once
+        host=args.host, root=_root(args.root), kernel_log=args.kernel_log, interval_s=args.interval, once=args.once,
+        settle_s=args.settle,
     )
     return args.server, args.token, config
 
@@ -123,14 +132,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = _parser().parse_args(argv)
         if args.command == "probe":
-            facts = probe(_root(args.root), args.kernel_log)
-            print(json.dumps({"load_id": str(uuid.uuid4()), **facts.as_json()}, indent=2))
+            print(json.dumps(probe(_root(args.root), args.kernel_log), indent=2))
             return 0
         return _run(args)
     except UsageError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
-    except (AgentError, ApiError) as exc:
+    except (AgentError, ApiError, ProbeError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -1,47 +1,36 @@
 """What the agent keeps across its own restarts: the load it last reported, in ``<state-dir>/load.json``.
 
-A kvm_intel load is identified by the boot (``boot_id``) and a fingerprint of the load: the facts
-that only a new module load can change (not the kernel log, whose ring buffer wraps, nor capacity,
-which hotplug changes) plus the identity of the module's sysfs directory. When the agent restarts
-and finds the same boot and fingerprint, it is the same load: it re-sends the stored ``load_id``
-with the stored facts, which the server answers as a replay.
+A load is the boot (``boot_id``) plus the kvm_intel module instance (identity.py), and its report
+is the facts read when the agent first saw it (load_facts.py). When the agent restarts and finds the
+same boot and instance, it is the same load: it re-sends the stored report as it was, which the
+server answers as a replay, whatever was edited in modprobe.d or appeared in sysfs meanwhile. The
+record also keeps where the kernel log ended when the load was recorded: the next load on this boot
+counts only kernel-log records after it.
+
+Format 1 (older agents) kept a hash of facts instead of the instance: such a record is taken as the
+current load when the boot is the same and kvm_intel is still (or still not) loaded, and rewritten.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import tempfile
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from service.agent.probe import HostFacts
+from service.agent.kernel_log import Position
+from service.agent.load_facts import LoadFacts
 
 STATE_FILE = "load.json"
-FORMAT = 1
-_LOAD_FACTS = (
-    "kernel",
-    "kvm_intel_loaded",
-    "tdx_platform",
-    "tdx_requested",
-    "tdx_effective",
-    "keyids_total",
-    "module_version",
-)
+FORMAT = 2
 
 
 class StateError(Exception):
     """The state directory cannot be written."""
-
-
-def fingerprint(facts: HostFacts, instance: str | None) -> str:
-    data = {name: getattr(facts, name) for name in _LOAD_FACTS}
-    data["kvm_intel_instance"] = instance
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,16 +38,58 @@ class LoadRecord:
     host: str
     load_id: str
     boot_id: str
-    fingerprint: str
+    instance: str | None  # the kvm_intel sysfs directory instance; None: kvm_intel was not loaded
     report: dict[str, Any]  # the load-report body, exactly as sent
+    log_mark: Position | None  # the newest kernel-log record when the load was recorded
+    legacy: bool = False  # read from a format-1 record: the instance is not known
 
     @classmethod
-    def mint(cls, host: str, facts: HostFacts, instance: str | None) -> LoadRecord:
+    def mint(cls, host: str, instance: str | None, facts: LoadFacts, log_mark: Position | None) -> LoadRecord:
         load_id = str(uuid.uuid4())
-        return cls(host, load_id, facts.boot_id, fingerprint(facts, instance), facts.load_report(load_id))
+        return cls(host, load_id, facts.boot_id, instance, facts.report(load_id), log_mark)
 
-    def same_load(self, host: str, boot_id: str, print_: str) -> bool:
-        return self.host == host and self.boot_id == boot_id and self.fingerprint == print_
+    def same_load(self, host: str, boot_id: str, instance: str | None) -> bool:
+        if self.host != host or self.boot_id != boot_id:
+            return False
+        if self.legacy:
+            return bool(self.report.get("kvm_intel_loaded")) == (instance is not None)
+        return self.instance == instance
+
+    def adopted(self, instance: str | None) -> LoadRecord:
+        """This (format-1) record with the instance it was found to describe."""
+        return replace(self, instance=instance, legacy=False)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "host": self.host,
+            "load_id": self.load_id,
+            "boot_id": self.boot_id,
+            "kvm_intel_instance": self.instance,
+            "log_mark": self.log_mark.as_json() if self.log_mark else None,
+            "report": self.report,
+        }
+
+
+def _parse(data: Any) -> LoadRecord | None:
+    if not isinstance(data, dict):
+        return None
+    fmt = data.get("format")
+    if fmt not in (1, FORMAT):
+        return None
+    instance = data.get("kvm_intel_instance")
+    if instance is not None and not isinstance(instance, str):
+        return None
+    record = LoadRecord(
+        host=str(data["host"]),
+        load_id=str(data["load_id"]),
+        boot_id=str(data["boot_id"]),
+        instance=instance,
+        report=dict(data["report"]),
+        log_mark=Position.from_json(data.get("log_mark")),
+        legacy=fmt == 1,
+    )
+    return record if record.report.get("load_id") == record.load_id else None
 
 
 class StateStore:
@@ -69,24 +100,13 @@ class StateStore:
     def load(self) -> LoadRecord | None:
         """The stored record; ``None`` when there is none or it cannot be read (then a new load is made)."""
         try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
-            if data.get("format") != FORMAT:
-                return None
-            report = data["report"]
-            record = LoadRecord(
-                host=str(data["host"]),
-                load_id=str(data["load_id"]),
-                boot_id=str(data["boot_id"]),
-                fingerprint=str(data["fingerprint"]),
-                report=dict(report),
-            )
+            return _parse(json.loads(self.path.read_text(encoding="utf-8")))
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return None
-        return record if record.report.get("load_id") == record.load_id else None
 
     def save(self, record: LoadRecord) -> None:
         """Write atomically (temp file, fsync, rename), so a crash leaves the old or the new record."""
-        payload = json.dumps({"format": FORMAT, **asdict(record)}, indent=2, sort_keys=True)
+        payload = json.dumps(record.as_json(), indent=2, sort_keys=True)
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=".load-", suffix=".tmp", dir=self.directory)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, StringConstraints, model_validator
 
-from service.hosts.readiness import TdxState
+from service.hosts.readiness import KernelLog, TdxState
 from service.schemas import Count, Flag, Labels, MiB, Name, PositiveCount, StrictModel
 
 Ratio = Annotated[float, Field(gt=0, le=64)]
@@ -51,9 +51,13 @@ class HostPatch(StrictModel):
 
 
 BootId = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9-]+$")]
+ModuleVersion = Annotated[str, StringConstraints(max_length=64)]
 
 
 class LoadReport(StrictModel):
+    """The facts of one kvm_intel load, read once when the agent first saw it (API.md, README
+    "TDX state derivation"). ``tdx_requested`` is whether *this* load was asked for tdx=1."""
+
     load_id: uuid.UUID
     boot_id: BootId
     kernel: Annotated[str, StringConstraints(min_length=1, max_length=255)]
@@ -62,27 +66,50 @@ class LoadReport(StrictModel):
     tdx_requested: Flag
     tdx_effective: Flag
     keyids_total: Count
-    module_version: Annotated[str, StringConstraints(max_length=64)] | None = None
+    module_version: ModuleVersion | None = None
     errors: Annotated[list[Annotated[str, StringConstraints(max_length=2000)]], Field(max_length=64)] = Field(
         default_factory=list
     )
     vcpus: PositiveCount | None = None
     memory_mib: MiB | None = None
+    # /sys/module/kvm_intel/parameters/tdx exists (the kernel has KVM TDX); null: not known.
+    kvm_tdx: Flag | None = None
+    # How much of this boot's kernel log the agent could read; null: not said (an older agent).
+    kernel_log: Literal["complete", "rotated", "unreadable"] | None = None
+    # /sys/devices/system/cpu/present: a TD gets at most this many vCPUs.
+    present_cpus: PositiveCount | None = None
 
 
 class Heartbeat(StrictModel):
+    """A heartbeat names its load and carries observations; a field left out is not observed."""
+
     load_id: uuid.UUID
     keyids_in_use: Count | None = None
     running_vms: Annotated[list[uuid.UUID], Field(max_length=100_000)] | None = None
+    module_version: ModuleVersion | None = None
+    # False: the TDX module's version can no longer be read (a failed runtime update; its TDs are gone).
+    module_healthy: Flag | None = None
+    # What the kernel command line and modprobe.d ask for at the next kvm_intel load.
+    tdx_configured: Flag | None = None
 
 
 class TdxOut(BaseModel):
     state: TdxState
     reason: str | None
+    reason_code: str | None
+    remedy: str | None
     keyids_total: int
     keyids_used: int
     keyids_observed_in_use: int | None
+    # total - max(claimed, observed in use): what placement offers.
+    keyids_free: int
     module_version: str | None
+    module_healthy: bool | None
+    # Whether the command line / modprobe.d ask for tdx=1 at the next kvm_intel load (heartbeats).
+    configured: bool | None
+    # e.g. "opt-in configured: takes effect at the next kvm_intel load", while configured and the
+    # current load differ.
+    next_load: str | None
 
 
 class LoadRef(BaseModel):
@@ -133,8 +160,13 @@ class LoadOut(BaseModel):
     errors: list[str]
     vcpus: int | None
     memory_mib: int | None
+    kvm_tdx: bool | None
+    kernel_log: KernelLog | None
+    present_cpus: int | None
     tdx_state: TdxState
     tdx_reason: str | None
+    tdx_reason_code: str | None
+    tdx_remedy: str | None
     current: bool
     reported_at: datetime
 

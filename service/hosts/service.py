@@ -20,6 +20,7 @@ from service.clock import as_utc, utcnow
 from service.errors import ProblemError, not_found
 from service.events import emit
 from service.hosts.readiness import (
+    KernelLog,
     LoadFacts,
     LoadKind,
     Readiness,
@@ -27,6 +28,8 @@ from service.hosts.readiness import (
     classify_load,
     derive_readiness,
     reload_allowed,
+    remedy_of,
+    with_module_health,
 )
 from service.hosts.schemas import (
     Heartbeat,
@@ -56,6 +59,26 @@ def is_alive(last_heartbeat_at: datetime | None, now: datetime, timeout_s: float
     return last_heartbeat_at is not None and now - as_utc(last_heartbeat_at) <= timedelta(seconds=timeout_s)
 
 
+OPT_IN_PENDING = "opt-in configured: takes effect at the next kvm_intel load"
+OPT_IN_NOT_PERSISTED = "opt-in not configured: the next kvm_intel load (and a reboot) comes up without tdx=1"
+
+
+def next_load_note(configured: bool | None, load: Load | None) -> str | None:
+    """What the configured intent means next, when it differs from the current load."""
+    if configured is None or load is None or not load.kvm_intel_loaded or load.kvm_tdx is False:
+        return None
+    if configured and not load.tdx_requested:
+        return OPT_IN_PENDING
+    if not configured and load.tdx_requested:
+        return OPT_IN_NOT_PERSISTED
+    return None
+
+
+def keyids_free(host: Host) -> int:
+    """KeyIDs a placement may still take: total - max(claimed, observed in use)."""
+    return max(host.keyids_total - max(host.used_keyids, host.keyids_observed_in_use or 0), 0)
+
+
 def host_out(host: Host, load: Load | None, now: datetime, timeout_s: float) -> HostOut:
     return HostOut(
         id=host.id,
@@ -73,10 +96,16 @@ def host_out(host: Host, load: Load | None, now: datetime, timeout_s: float) -> 
         tdx=TdxOut(
             state=TdxState(host.tdx_state),
             reason=host.tdx_reason,
+            reason_code=host.tdx_reason_code,
+            remedy=remedy_of(host.tdx_reason_code),
             keyids_total=host.keyids_total,
             keyids_used=host.used_keyids,
             keyids_observed_in_use=host.keyids_observed_in_use,
-            module_version=load.module_version if load else None,
+            keyids_free=keyids_free(host),
+            module_version=host.module_version or (load.module_version if load else None),
+            module_healthy=host.module_healthy,
+            configured=host.tdx_configured,
+            next_load=next_load_note(host.tdx_configured, load),
         ),
         load=(
             LoadRef(id=load.id, boot_id=load.boot_id, kernel=load.kernel, reported_at=as_utc(load.reported_at))
@@ -203,8 +232,10 @@ def register_hosts(session: Session, items: list[HostRegistration], default_cpu_
                 "cpu_allocation_ratio": item.cpu_allocation_ratio or default_cpu_ratio,
                 "schedulable": True, "draining": False, "tdx_state": state.value,
                 "tdx_reason": readiness.reason if readiness else None,
+                "tdx_reason_code": readiness.reason_code if readiness else None,
                 "vm_capable": readiness.vm_capable if readiness else False,
                 "keyids_total": load.keyids_total if load is not None else 0,
+                "present_cpus": load.present_cpus if load is not None else None,
                 "used_vcpus": 0, "used_memory_mib": 0, "used_keyids": 0, "vm_count": 0,
                 "free_memory_mib": memory - reserved_memory,
                 # As if created (generation 1) and then given its load (bumped once).
@@ -219,7 +250,8 @@ def register_hosts(session: Session, items: list[HostRegistration], default_cpu_
             load_rows.append(
                 {
                     "id": load.load_id, "host_id": host_id, **{f: getattr(load, f) for f in _IMMUTABLE_FACTS},
-                    "tdx_state": state.value, "tdx_reason": readiness.reason, "reported_at": now,
+                    "tdx_state": state.value, "tdx_reason": readiness.reason,
+                    "tdx_reason_code": readiness.reason_code, "reported_at": now,
                 }
             )
             _emit_load_events(session, item.name, load, LoadKind.FIRST, TdxState.UNKNOWN.value, readiness)
@@ -330,12 +362,14 @@ def _facts(body: LoadReport) -> LoadFacts:
         tdx_effective=body.tdx_effective,
         keyids_total=body.keyids_total,
         errors=tuple(body.errors),
+        kvm_tdx=body.kvm_tdx,
+        kernel_log=KernelLog(body.kernel_log) if body.kernel_log else None,
     )
 
 
 _IMMUTABLE_FACTS = (
     "boot_id", "kernel", "kvm_intel_loaded", "tdx_platform", "tdx_requested", "tdx_effective",
-    "keyids_total", "module_version", "errors", "vcpus", "memory_mib",
+    "keyids_total", "module_version", "errors", "vcpus", "memory_mib", "kvm_tdx", "kernel_log", "present_cpus",
 )
 
 
@@ -371,13 +405,14 @@ def report_load(session: Session, name: str, body: LoadReport) -> tuple[Host, bo
             active_vms=host.vm_count,
         )
     now = utcnow()
-    readiness = derive_readiness(_facts(body))
+    load_readiness = derive_readiness(_facts(body))
     load = Load(
         id=body.load_id,
         host_id=host.id,
         **{f: getattr(body, f) for f in _IMMUTABLE_FACTS},
-        tdx_state=readiness.state.value,
-        tdx_reason=readiness.reason,
+        tdx_state=load_readiness.state.value,
+        tdx_reason=load_readiness.reason,
+        tdx_reason_code=load_readiness.reason_code,
         reported_at=now,
     )
     session.add(load)
@@ -392,13 +427,16 @@ def report_load(session: Session, name: str, body: LoadReport) -> tuple[Host, bo
             host.name,
             {"old_boot_id": current.boot_id, "new_boot_id": body.boot_id, "released_vms": released},
         )
+        # The TDX module was set up afresh at boot: what heartbeats saw of the old one is void.
+        host.module_healthy = None
+        host.module_version = None
 
     previous_state = host.tdx_state
+    readiness = with_module_health(load_readiness, host.module_healthy)
     host.current_load_seq = load.seq
-    host.tdx_state = readiness.state.value
-    host.tdx_reason = readiness.reason
-    host.vm_capable = readiness.vm_capable
+    _set_readiness(host, readiness)
     host.keyids_total = body.keyids_total
+    host.present_cpus = body.present_cpus
     if body.vcpus is not None:
         host.vcpus = body.vcpus
         host.reserved_vcpus = min(host.reserved_vcpus, host.vcpus)
@@ -409,6 +447,26 @@ def report_load(session: Session, name: str, body: LoadReport) -> tuple[Host, bo
     _touch(host)
     _emit_load_events(session, host.name, body, kind, previous_state, readiness)
     return host, True
+
+
+def _set_readiness(host: Host, readiness: Readiness) -> None:
+    host.tdx_state = readiness.state.value
+    host.tdx_reason = readiness.reason
+    host.tdx_reason_code = readiness.reason_code
+    host.vm_capable = readiness.vm_capable
+
+
+def _emit_state_change(session: Session, name: str, previous_state: str, readiness: Readiness) -> None:
+    if previous_state != readiness.state.value:
+        emit(
+            session,
+            "host.tdx_state_changed",
+            name,
+            {
+                "from": previous_state, "to": readiness.state.value, "reason": readiness.reason,
+                "reason_code": readiness.reason_code,
+            },
+        )
 
 
 def _emit_load_events(
@@ -424,15 +482,10 @@ def _emit_load_events(
             "kind": kind.value,
             "tdx_state": readiness.state.value,
             "reason": readiness.reason,
+            "reason_code": readiness.reason_code,
         },
     )
-    if previous_state != readiness.state.value:
-        emit(
-            session,
-            "host.tdx_state_changed",
-            name,
-            {"from": previous_state, "to": readiness.state.value, "reason": readiness.reason},
-        )
+    _emit_state_change(session, name, previous_state, readiness)
 
 
 def heartbeat(session: Session, name: str, body: Heartbeat, timeout_s: float) -> Host:
@@ -450,18 +503,71 @@ def heartbeat(session: Session, name: str, body: Heartbeat, timeout_s: float) ->
             f"load {body.load_id} is not the current load of host {name!r}; report the load first",
             current_load_id=str(current.id) if current else None,
         )
+    sent = body.model_fields_set
+    # A failed TDX module stays failed until its version reads again: a version file that went away
+    # (its driver unloaded) does not bring the TDs back.
+    health_changed = (
+        "module_healthy" in sent
+        and body.module_healthy != host.module_healthy
+        and not (body.module_healthy is None and host.module_healthy is False)
+    )
+    if health_changed:
+        # Rare, and it may release VMs: take the row lock a claim or a load report would take.
+        session.refresh(host, with_for_update=True)
+        health_changed = body.module_healthy != host.module_healthy and not (
+            body.module_healthy is None and host.module_healthy is False
+        )
     now = utcnow()
     was_alive = is_alive(host.last_heartbeat_at, now, timeout_s)
     # Liveness and observations are not desired state: no generation bump, so a heartbeat never
-    # makes a concurrent claim or an operator's If-Match fail.
+    # makes a concurrent claim or an operator's If-Match fail (unless the TDX module's health
+    # changes the host's TDX state, below).
     host.last_heartbeat_at = now
     if body.keyids_in_use is not None:
         host.keyids_observed_in_use = body.keyids_in_use
     if body.running_vms is not None:
         host.vms_observed_running = len(body.running_vms)
+    if "module_version" in sent:
+        host.module_version = body.module_version
+    if "tdx_configured" in sent:
+        host.tdx_configured = body.tdx_configured
+    if health_changed:
+        host.module_healthy = body.module_healthy
+        _module_health_changed(session, host, current, now)
     if not was_alive:
         emit(session, "host.alive", host.name, {"load_id": str(current.id)})
     return host
+
+
+def _module_health_changed(session: Session, host: Host, load: Load, now: datetime) -> None:
+    """The TDX module stopped (or resumed) working under the current load: the host's TDX state
+    follows, and when the module failed, the TDs on the host are gone with it."""
+    from service.vms.service import release_tdx_vms_of_failed_module
+
+    load_readiness = derive_readiness(_stored_facts(load))
+    readiness = with_module_health(load_readiness, host.module_healthy)
+    previous_state = host.tdx_state
+    if readiness.state.value == previous_state and readiness.reason_code == host.tdx_reason_code:
+        return
+    _set_readiness(host, readiness)
+    _emit_state_change(session, host.name, previous_state, readiness)
+    if readiness.reason_code == "tdx_module_update_failed":
+        released = release_tdx_vms_of_failed_module(session, host, now)
+        emit(session, "host.tdx_module_failed", host.name, {"load_id": str(load.id), "lost_vms": released})
+    _touch(host)
+
+
+def _stored_facts(load: Load) -> LoadFacts:
+    return LoadFacts(
+        kvm_intel_loaded=load.kvm_intel_loaded,
+        tdx_platform=load.tdx_platform,
+        tdx_requested=load.tdx_requested,
+        tdx_effective=load.tdx_effective,
+        keyids_total=load.keyids_total,
+        errors=tuple(load.errors or ()),
+        kvm_tdx=load.kvm_tdx,
+        kernel_log=KernelLog(load.kernel_log) if load.kernel_log else None,
+    )
 
 
 def report_stale_hosts(session: Session, timeout_s: float) -> int:
@@ -498,6 +604,8 @@ def list_loads(session: Session, name: str, after: int | None, limit: int) -> Pa
             **{f: getattr(ld, f) for f in _IMMUTABLE_FACTS},
             tdx_state=TdxState(ld.tdx_state),
             tdx_reason=ld.tdx_reason,
+            tdx_reason_code=ld.tdx_reason_code,
+            tdx_remedy=remedy_of(ld.tdx_reason_code),
             current=ld.seq == host.current_load_seq,
             reported_at=as_utc(ld.reported_at),
         )

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import uuid
 
-from sqlalchemy import BigInteger, Integer, bindparam, update
+from sqlalchemy import BigInteger, Integer, bindparam, or_, update
 from sqlalchemy.orm import Session
 
 from service.clock import utcnow
 from service.models import Host, UTCDateTime
-from service.scheduler.filters import vcpu_limit_sql
+from service.scheduler.filters import keyids_in_use_sql, td_vcpu_limit_sql, vcpu_limit_sql
 from service.scheduler.types import HostView, VmRequest
 
 # Built once; the values are bound per call (building the statement costs more than running it).
@@ -32,7 +32,13 @@ _CLAIM = (
         Host.generation == bindparam("seen_generation"),
         Host.used_vcpus + bindparam("need_vcpus", type_=Integer) <= vcpu_limit_sql(),
         Host.free_memory_mib >= bindparam("need_memory_mib", type_=BigInteger),
-        Host.used_keyids + bindparam("need_keyids", type_=Integer) <= Host.keyids_total,
+        # The same limits as the filters: a TD's vCPUs within the present CPUs (0 for other VMs),
+        # and a KeyID free after max(claimed, observed in use).
+        td_vcpu_limit_sql() >= bindparam("need_td_vcpus", type_=Integer),
+        or_(
+            bindparam("need_keyids", type_=Integer) == 0,
+            keyids_in_use_sql() + bindparam("need_keyids", type_=Integer) <= Host.keyids_total,
+        ),
     )
     .values(
         used_vcpus=Host.used_vcpus + bindparam("need_vcpus", type_=Integer),
@@ -59,6 +65,7 @@ def try_claim(session: Session, host: HostView, req: VmRequest) -> bool:
             "need_vcpus": req.vcpus,
             "need_memory_mib": req.memory_mib,
             "need_keyids": req.keyids,
+            "need_td_vcpus": req.vcpus if req.tdx else 0,
             "now": utcnow(),
         },
     )

@@ -52,6 +52,8 @@ _HOST_COLUMNS = (
     Host.keyids_total,
     Host.used_keyids,
     Host.generation,
+    Host.present_cpus,
+    Host.keyids_observed_in_use,
 )
 
 

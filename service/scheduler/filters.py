@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, ClassVar, Protocol
 
-from sqlalchemy import ColumnElement, and_, exists, false, not_, or_
+from sqlalchemy import ColumnElement, and_, case, exists, false, func, not_, or_
 from sqlalchemy.sql.expression import literal
 
 from service.hosts.readiness import TdxState
@@ -96,20 +96,47 @@ class AdminStateFilter:
         return [("host_cordoned", Host.schedulable == false()), ("host_draining", Host.draining == literal(True))]
 
 
+def td_vcpu_limit_sql() -> ColumnElement[Any]:
+    return func.coalesce(Host.present_cpus, Host.vcpus)
+
+
+class TdVcpuFilter:
+    """KVM caps a trust domain's vCPUs at the host's present CPUs, whatever the allocation ratio
+    (``kvm->max_vcpus = min(..., num_present_cpus())``): a bigger TD could never start there."""
+
+    codes: ClassVar[tuple[str, ...]] = ("td_vcpus_exceed_host",)
+
+    def check(self, host: HostView, req: VmRequest, ctx: Context) -> str | None:
+        if req.tdx and req.vcpus > host.td_vcpu_limit:
+            return "td_vcpus_exceed_host"
+        return None
+
+    def rejects(self, req: VmRequest, ctx: Context) -> Sequence[Rejection]:
+        if not req.tdx:
+            return []
+        return [("td_vcpus_exceed_host", td_vcpu_limit_sql() < req.vcpus)]
+
+
+def keyids_in_use_sql() -> ColumnElement[Any]:
+    """max(claimed, observed in use): the agent sees TDs the control plane did not place, and leaks."""
+    observed = func.coalesce(Host.keyids_observed_in_use, 0)
+    return case((observed > Host.used_keyids, observed), else_=Host.used_keyids)
+
+
 class KeyIdFilter:
-    """One KeyID per trust domain, bounded by the current load's KeyID capacity."""
+    """One KeyID per trust domain: free = the load's KeyIDs - max(claimed, observed in use)."""
 
     codes: ClassVar[tuple[str, ...]] = ("keyids_exhausted",)
 
     def check(self, host: HostView, req: VmRequest, ctx: Context) -> str | None:
-        if req.tdx and host.used_keyids + 1 > host.keyids_total:
+        if req.tdx and host.keyids_in_use + 1 > host.keyids_total:
             return "keyids_exhausted"
         return None
 
     def rejects(self, req: VmRequest, ctx: Context) -> Sequence[Rejection]:
         if not req.tdx:
             return []
-        return [("keyids_exhausted", Host.used_keyids + 1 > Host.keyids_total)]
+        return [("keyids_exhausted", keyids_in_use_sql() + 1 > Host.keyids_total)]
 
 
 def vcpu_limit_sql() -> ColumnElement[Any]:
@@ -204,6 +231,7 @@ FILTERS: tuple[Filter, ...] = (
     TdxReadinessFilter(),
     LivenessFilter(),
     AdminStateFilter(),
+    TdVcpuFilter(),
     KeyIdFilter(),
     VcpuFilter(),
     MemoryFilter(),

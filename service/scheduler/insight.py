@@ -14,7 +14,7 @@ from service.hosts.readiness import TdxState
 from service.models import Host
 from service.scheduler.engine import PLAIN_STATES, TDX_STATES, SchedulerConfig, rank, shortlist
 from service.scheduler.explain import count_reasons, explanation
-from service.scheduler.filters import vcpu_limit_sql
+from service.scheduler.filters import keyids_in_use_sql, td_vcpu_limit_sql, vcpu_limit_sql
 from service.scheduler.types import VmRequest
 from service.vms.schemas import CandidateOut, CapacityOut, FitOut, PreviewOut, StateCapacity
 from service.vms.service import placement_context
@@ -48,7 +48,8 @@ def capacity(session: Session, size: VmRequest | None, heartbeat_timeout_s: floa
     need_memory = size.memory_mib if size else 1
     free_vcpus = vcpu_limit_sql() - Host.used_vcpus
     full = (free_vcpus < need_vcpus) | (Host.free_memory_mib < need_memory)
-    free_keyids = Host.keyids_total - Host.used_keyids
+    # KeyIDs free = total - max(claimed, observed in use), as placement counts them.
+    free_keyids = Host.keyids_total - keyids_in_use_sql()
     rows = session.execute(
         select(
             Host.tdx_state,
@@ -58,12 +59,13 @@ def capacity(session: Session, size: VmRequest | None, heartbeat_timeout_s: floa
             func.sum(case((Host.free_memory_mib > 0, Host.free_memory_mib), else_=0)),
             func.sum(Host.keyids_total),
             func.sum(Host.used_keyids),
+            func.sum(case((free_keyids > 0, free_keyids), else_=0)),
             func.sum(case((full & (free_keyids > 0), free_keyids), else_=0)),
         ).group_by(Host.tdx_state)
     ).all()
     by_state = {state.value: _zero() for state in TdxState}
     totals = _zero()
-    for state, hosts, alive, vcpus, memory, k_total, k_used, stranded in rows:
+    for state, hosts, alive, vcpus, memory, k_total, k_used, k_free, stranded in rows:
         entry = StateCapacity(
             hosts=int(hosts),
             hosts_alive=int(alive or 0),
@@ -71,7 +73,7 @@ def capacity(session: Session, size: VmRequest | None, heartbeat_timeout_s: floa
             memory_mib_free=int(memory or 0),
             keyids_total=int(k_total or 0),
             keyids_used=int(k_used or 0),
-            keyids_free=int(k_total or 0) - int(k_used or 0),
+            keyids_free=int(k_free or 0),
             keyids_stranded=int(stranded or 0),
         )
         by_state[str(state)] = entry
@@ -93,7 +95,7 @@ def _fits_now(session: Session, size: VmRequest, alive_after: object) -> int:
     rows = session.execute(
         select(
             Host.vcpus, Host.reserved_vcpus, Host.cpu_allocation_ratio, Host.used_vcpus,
-            Host.free_memory_mib, Host.keyids_total, Host.used_keyids, Host.last_heartbeat_at,
+            Host.free_memory_mib, Host.keyids_total, keyids_in_use_sql(), td_vcpu_limit_sql(),
         ).where(
             Host.tdx_state.in_(states),
             Host.vm_capable.is_(True),
@@ -103,12 +105,12 @@ def _fits_now(session: Session, size: VmRequest, alive_after: object) -> int:
         )
     ).all()
     total = 0
-    for vcpus, reserved, ratio, used_vcpus, free_mem, k_total, k_used, _seen in rows:
+    for vcpus, reserved, ratio, used_vcpus, free_mem, k_total, k_in_use, td_vcpu_limit in rows:
         by_vcpu = math.floor(((vcpus - reserved) * ratio - used_vcpus) / size.vcpus)
         by_memory = free_mem // size.memory_mib
         per_host = min(by_vcpu, by_memory)
         if size.tdx:
-            per_host = min(per_host, k_total - k_used)
+            per_host = min(per_host, k_total - k_in_use) if size.vcpus <= td_vcpu_limit else 0
         total += max(per_host, 0)
     return total
 

@@ -40,6 +40,9 @@ class HostView:
     keyids_total: int
     used_keyids: int
     generation: int
+    # None: not reported (the TD vCPU cap falls back to vcpus; KeyIDs in use to the claimed ones).
+    present_cpus: int | None = None
+    keyids_observed_in_use: int | None = None
     labels: dict[str, str] = field(default_factory=dict)
     # Anti-affinity groups of the VMs active on this host.
     groups: frozenset[str] = frozenset()
@@ -57,8 +60,18 @@ class HostView:
         return self.memory_mib - self.reserved_memory_mib - self.used_memory_mib
 
     @property
+    def td_vcpu_limit(self) -> int:
+        """KVM caps a TD's vCPUs at the present CPUs, whatever the allocation ratio."""
+        return self.present_cpus if self.present_cpus is not None else self.vcpus
+
+    @property
+    def keyids_in_use(self) -> int:
+        """Claimed by placements, or seen in use by the agent (TDs started elsewhere, leaked KeyIDs)."""
+        return max(self.used_keyids, self.keyids_observed_in_use or 0)
+
+    @property
     def free_keyids(self) -> int:
-        return self.keyids_total - self.used_keyids
+        return self.keyids_total - self.keyids_in_use
 
 
 @dataclass(frozen=True, slots=True)

@@ -312,16 +312,26 @@ def host_vms(
 def release_vms_of_rebooted_host(session: Session, host: Host, now: datetime) -> int:
     """The host restarted: what ran there is gone. Its VMs become ``lost`` (or ``deleted`` when a
     delete was already under way) and the host's usage is given back."""
-    vms = session.scalars(
-        select(Vm).where(Vm.host_id == host.id, Vm.status.in_(ACTIVE_VM_STATUSES)).with_for_update()
-    ).all()
+    return _release_gone_vms(session, host, now, "the host rebooted", tdx_only=False)
+
+
+def release_tdx_vms_of_failed_module(session: Session, host: Host, now: datetime) -> int:
+    """The host's TDX module failed (a runtime update went wrong): its TDs are gone, other VMs run on."""
+    return _release_gone_vms(session, host, now, "the host's TDX module failed", tdx_only=True)
+
+
+def _release_gone_vms(session: Session, host: Host, now: datetime, detail: str, *, tdx_only: bool) -> int:
+    query = select(Vm).where(Vm.host_id == host.id, Vm.status.in_(ACTIVE_VM_STATUSES))
+    if tdx_only:
+        query = query.where(Vm.tdx.is_(True))
+    vms = session.scalars(query.with_for_update()).all()
     for vm in vms:
         step = transition(VmStatus(vm.status), Action.HOST_REBOOTED)
         vm.status = step.to.value
-        vm.status_detail = "the host rebooted"
+        vm.status_detail = detail
         vm.updated_at = now
         vm.generation += 1
-        emit_vm_event(session, EVENT_KIND[step.to], vm, detail="the host rebooted")
+        emit_vm_event(session, EVENT_KIND[step.to], vm, detail=detail)
         host.used_vcpus -= vm.vcpus
         host.used_memory_mib -= vm.memory_mib
         host.used_keyids -= 1 if vm.tdx else 0

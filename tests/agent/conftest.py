@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 import socket
 import threading
@@ -24,6 +25,12 @@ from tests.conftest import ADMIN_TOKEN, make_settings
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "hosts"
 CASES = sorted(p.name for p in FIXTURES.iterdir() if p.is_dir())
+
+
+def expected_of(case: str) -> dict[str, Any]:
+    """What the server must derive from a fixture host tree (its ``expected.json``)."""
+    data: dict[str, Any] = json.loads((FIXTURES / case / "expected.json").read_text())
+    return data
 
 
 def loopback_socket() -> socket.socket:
@@ -124,3 +131,38 @@ def host_copy(tmp_path: Path) -> Any:
         return root
 
     return copy
+
+
+def reload_kvm_intel(root: Path, tdx: str | None = "Y", **params: str) -> None:
+    """``modprobe -r kvm_intel && modprobe kvm_intel tdx=...`` on a fixture tree: a new module instance.
+    The old directory is moved away before the new one is made, so the new one cannot reuse its inode."""
+    module = root / "sys/module/kvm_intel"
+    gone = root / "sys/module/.kvm_intel-unloaded"
+    if module.exists():
+        if gone.exists():
+            shutil.rmtree(gone)
+        module.rename(gone)
+    (module / "parameters").mkdir(parents=True)
+    (module / "initstate").write_text("live\n")
+    for name, value in {"tdx": tdx, **params}.items():
+        if value is not None:
+            (module / "parameters" / name).write_text(value + "\n")
+
+
+def unload_kvm_intel(root: Path) -> None:
+    module = root / "sys/module/kvm_intel"
+    gone = root / "sys/module/.kvm_intel-unloaded"
+    if gone.exists():
+        shutil.rmtree(gone)
+    module.rename(gone)
+
+
+def append_kmsg(root: Path, *records: str, level: int = 3) -> None:
+    """New kernel-log records after the last one of ``<root>/kmsg.log`` (kmsg format)."""
+    log = root / "kmsg.log"
+    lines = log.read_text().splitlines()
+    seq, usec = (int(x) for x in lines[-1].split(";", 1)[0].split(",")[1:3])
+    with log.open("a") as f:
+        for i, text in enumerate(records, start=1):
+            f.write(f"{level},{seq + i},{usec + i * 1_000_000},-;{text}\n")
+

@@ -2,8 +2,9 @@
 
 For any fleet and request: each filter's SQL form agrees with its Python form host by host; a
 placement satisfies every filter and leaves no host over any capacity; a TDX VM lands only on a
-``ready`` host; when the engine finds nothing, a brute-force search over every host agrees; and
-the reason counts add up to the hosts considered.
+``ready`` host, gets no more vCPUs than the host's present CPUs and takes a KeyID only while
+total - max(claimed, observed in use) > 0; when the engine finds nothing, a brute-force search over
+every host agrees; and the reason counts add up to the hosts considered.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ def host_specs(draw: st.DrawFn, index: int) -> HostView:
     memory = draw(st.integers(1, 65536))
     reserved_memory = draw(st.integers(0, memory))
     keyids_total = draw(st.integers(1 if state == "ready" else 0, 8))
+    used_keyids = draw(st.integers(0, keyids_total))
     return HostView(
         id=uuid.UUID(int=index + 1),
         name=f"h{index:02d}",
@@ -73,8 +75,12 @@ def host_specs(draw: st.DrawFn, index: int) -> HostView:
         reserved_memory_mib=reserved_memory,
         used_memory_mib=draw(st.integers(0, memory - reserved_memory)),
         keyids_total=keyids_total,
-        used_keyids=draw(st.integers(0, keyids_total)),
+        used_keyids=used_keyids,
         generation=1,
+        # Present CPUs at or above the online ones, or not reported.
+        present_cpus=draw(st.one_of(st.none(), st.integers(vcpus, vcpus + 8))),
+        # The agent may see more KeyIDs in use than placed (TDs started elsewhere, leaks), or fewer.
+        keyids_observed_in_use=draw(st.one_of(st.none(), st.integers(0, keyids_total + 2))),
         labels=draw(st.dictionaries(st.sampled_from(["zone", "rack"]), st.sampled_from(["a", "b"]), max_size=2)),
         groups=frozenset(draw(st.sets(st.sampled_from(["g1", "g2"]), max_size=2))),
     )
@@ -88,7 +94,7 @@ def fleets(draw: st.DrawFn) -> list[HostView]:
 
 requests = st.builds(
     VmRequest,
-    vcpus=st.integers(1, 32),
+    vcpus=st.integers(1, 80),
     memory_mib=st.integers(1, 32768),
     tdx=st.booleans(),
     selector=st.dictionaries(st.sampled_from(["zone", "rack"]), st.sampled_from(["a", "b"]), max_size=2).map(
@@ -111,7 +117,8 @@ def _store(session: Session, fleet: list[HostView]) -> None:
                 last_heartbeat_at=h.last_heartbeat_at, tdx_state=h.tdx_state, vm_capable=h.vm_capable,
                 keyids_total=h.keyids_total, used_vcpus=h.used_vcpus, used_memory_mib=h.used_memory_mib,
                 used_keyids=h.used_keyids, vm_count=len(h.groups), free_memory_mib=h.free_memory_mib,
-                generation=h.generation, created_at=NOW, updated_at=NOW,
+                generation=h.generation, created_at=NOW, updated_at=NOW, present_cpus=h.present_cpus,
+                keyids_observed_in_use=h.keyids_observed_in_use,
             )
         )
         session.flush()
@@ -171,6 +178,8 @@ def test_placement_respects_every_filter_and_capacity(
             assert first_rejection(chosen, req, CTX) is None
             if req.tdx:
                 assert chosen.tdx_state == "ready"
+                assert req.vcpus <= (chosen.present_cpus or chosen.vcpus)
+                assert max(chosen.used_keyids, chosen.keyids_observed_in_use or 0) < chosen.keyids_total
             after = _after(s, chosen.id)
             assert after.used_vcpus <= (after.vcpus - after.reserved_vcpus) * after.cpu_allocation_ratio
             assert after.used_memory_mib + after.reserved_memory_mib <= after.memory_mib
@@ -202,6 +211,23 @@ def test_a_claim_against_a_moved_generation_changes_nothing(
             assert (host.used_vcpus, host.used_memory_mib, host.used_keyids) == (
                 h.used_vcpus, h.used_memory_mib, h.used_keyids
             )
+        s.rollback()
+
+
+@SETTINGS
+@given(fleet=fleets(), req=requests)
+def test_the_claim_enforces_the_capacity_filters_limits(db: Database, fleet: list[HostView], req: VmRequest) -> None:
+    # The claim is the last word under races: it must hold every capacity limit the filters hold
+    # (TD vCPUs within present CPUs, KeyIDs free after max(claimed, observed), vCPUs, memory).
+    from service.scheduler.claims import try_claim
+    from service.scheduler.filters import KeyIdFilter, MemoryFilter, TdVcpuFilter, VcpuFilter
+
+    limits = (TdVcpuFilter(), KeyIdFilter(), VcpuFilter(), MemoryFilter())
+    with db.session() as s:
+        _store(s, fleet)
+        for h in fleet:
+            fits = all(f.check(h, req, CTX) is None for f in limits)
+            assert try_claim(s, h, req) is fits, h
         s.rollback()
 
 
