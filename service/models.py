@@ -236,6 +236,7 @@ class Project(Base):
     used_memory_mib: Mapped[int] = mapped_column(BigInteger, default=0)
     used_tdx_vms: Mapped[int] = mapped_column(BigInteger, default=0)
     # Bumped when the limits change (ETag / If-Match on the quota); usage changes do not bump it.
-    generation: Mapped[int] = mapped_column(BigInteger, default=1)
+    # 0 until limits are first set.
+    generation: Mapped[int] = mapped_column(BigInteger, default=0)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -88,7 +88,7 @@ def upgrade() -> None:
             sa.func.sum(vms.c.vcpus),
             sa.func.sum(vms.c.memory_mib),
             sa.func.sum(sa.case((vms.c.tdx, 1), else_=0)),
-            sa.literal(1),
+            sa.literal(0),
             now,
             now,
         )

@@ -156,7 +156,7 @@ def ensure_project(session: Session, project: str) -> None:
     conn = session.connection()
     now = utcnow()
     values = {"name": project, "used_vms": 0, "used_vcpus": 0, "used_memory_mib": 0, "used_tdx_vms": 0,
-              "generation": 1, "created_at": now, "updated_at": now}
+              "generation": 0, "created_at": now, "updated_at": now}
     insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
     conn.execute(insert(Project).values(values).on_conflict_do_nothing(index_elements=["name"]))
 
