@@ -56,7 +56,8 @@ def test_a_flood_of_one_project_does_not_delay_another_projects_vm(api: Api, dis
 def test_freed_capacity_is_shared_round_robin_across_projects(api: Api) -> None:
     for project, priority in (("rich", 100), ("poor", 0)):
         for i in range(5):
-            assert api.create_vm(name=f"{project}-{i}", project=project, priority=priority).json()["status"] == "pending"
+            vm = api.create_vm(name=f"{project}-{i}", project=project, priority=priority).json()
+            assert vm["status"] == "pending"
     # Room for four TDX VMs appears in one step (uncordoning a ready host).
     api.create_host("h")
     api.client.patch("/v1/hosts/h", json={"schedulable": False}, headers=api.admin)
