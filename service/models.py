@@ -135,6 +135,10 @@ class Load(Base):
     __table_args__ = (Index("ix_loads_host_seq", "host_id", "seq"),)
 
 
+def _minus_priority(context: Any) -> int:
+    return -int(context.get_current_parameters().get("priority") or 0)
+
+
 class Vm(Base):
     __tablename__ = "vms"
 
@@ -147,6 +151,10 @@ class Vm(Base):
     selector: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
     anti_affinity_group: Mapped[str | None] = mapped_column(String(63))
     priority: Mapped[int] = mapped_column(Integer, default=0)
+    # -priority (priorities never change): the pending queue walks (queue_rank, created_at, id)
+    # ascending, highest priority first and oldest first within one, on a plain ascending index
+    # (Alembic cannot compare DESC index columns on SQLite).
+    queue_rank: Mapped[int] = mapped_column(Integer, default=_minus_priority)
     # What the placement filters see of the VM besides its size (tdx, selector, anti-affinity
     # group), as a digest: VMs of one class and size fit on exactly the same hosts (see
     # service/scheduler/shape_memo.py). Null for VMs created before it existed.
@@ -164,9 +172,8 @@ class Vm(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     __table_args__ = (
-        # The pending queue walks each project's pending VMs one priority level at a time, oldest
-        # first (ascending only: Alembic cannot compare DESC index columns on SQLite).
-        Index("ix_vms_project_queue", "status", "project", "priority", "created_at", "id"),
+        # The pending queue walks each project's pending VMs in queue order.
+        Index("ix_vms_project_queue", "status", "project", "queue_rank", "created_at", "id"),
         Index("ix_vms_status_deadline", "status", "deadline"),
         Index("ix_vms_host_status", "host_id", "status"),
         Index("ix_vms_group_host", "anti_affinity_group", "host_id"),

@@ -1,4 +1,4 @@
-"""projects (quota limits and usage) and the fair pending queue's indexes
+"""projects (quota limits and usage) and the fair pending queue's columns and indexes
 
 Revision ID: 0002_quotas
 Revises: 0001
@@ -52,9 +52,13 @@ def upgrade() -> None:
     )
     with op.batch_alter_table("vms", schema=None) as batch_op:
         batch_op.add_column(sa.Column("placement_class", sa.String(length=32), nullable=True))
+        batch_op.add_column(sa.Column("queue_rank", sa.Integer(), nullable=True))
+    op.execute("UPDATE vms SET queue_rank = -priority")
+    with op.batch_alter_table("vms", schema=None) as batch_op:
+        batch_op.alter_column("queue_rank", existing_type=sa.Integer(), nullable=False)
         batch_op.drop_index("ix_vms_queue")
         batch_op.create_index(
-            "ix_vms_project_queue", ["status", "project", "priority", "created_at", "id"], unique=False
+            "ix_vms_project_queue", ["status", "project", "queue_rank", "created_at", "id"], unique=False
         )
         batch_op.create_index("ix_vms_status_deadline", ["status", "deadline"], unique=False)
 
@@ -114,5 +118,6 @@ def downgrade() -> None:
         batch_op.drop_index("ix_vms_status_deadline")
         batch_op.drop_index("ix_vms_project_queue")
         batch_op.create_index("ix_vms_queue", ["status", "priority", "created_at"], unique=False)
+        batch_op.drop_column("queue_rank")
         batch_op.drop_column("placement_class")
     op.drop_table("projects")

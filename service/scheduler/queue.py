@@ -28,15 +28,15 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Select, and_, func, not_, or_, select
+from sqlalchemy import BigInteger, Integer, Select, String, Uuid, and_, bindparam, func, not_, select, tuple_
 from sqlalchemy.orm import Session
 
 from service.clock import as_utc, utcnow
 from service.db import Database
 from service.hosts.service import report_stale_hosts
 from service.metrics import Metrics
-from service.models import Vm
-from service.scheduler.shape_memo import Shape, ShapeMemo, placement_class
+from service.models import UTCDateTime, Vm
+from service.scheduler.shape_memo import Shape, ShapeMemo
 from service.signals import Signal
 from service.vms.lifecycle import Action, VmStatus
 from service.vms.service import (
@@ -46,7 +46,6 @@ from service.vms.service import (
     emit_vm_event,
     purge_idempotency_keys,
     try_place,
-    vm_request,
 )
 
 log = logging.getLogger("tdx.queue")
@@ -74,13 +73,12 @@ class Candidate:
 
 @dataclass
 class ProjectWalk:
-    """Where the queue is in one project's pending VMs: a priority level (highest first), then
-    (created_at, id) within it. The position is kept between passes until capacity may have grown,
+    """Where the queue is in one project's pending VMs, in queue order (highest priority first,
+    oldest first within one). The position is kept between passes until capacity may have grown,
     so a pass goes on with what is new instead of reading again what did not fit."""
 
     project: str
-    level: int | None = None
-    after: tuple[datetime, uuid.UUID] | None = None
+    after: tuple[int, datetime, uuid.UUID] | None = None  # (queue_rank, created_at, id) of the last read
     exhausted: bool = False  # nothing more to read in this pass
     page: list[Candidate] = field(default_factory=list)
 
@@ -113,50 +111,76 @@ def pending_projects(session: Session) -> list[str]:
     return [p for p in session.scalars(select(walk.c.project).where(walk.c.project.is_not(None))) if p]
 
 
-def _top_level(session: Session, project: str, below: int | None) -> int | None:
-    query = select(func.max(Vm.priority)).where(Vm.status == PENDING, Vm.project == project)
-    if below is not None:
-        query = query.where(Vm.priority < below)
-    level: int | None = session.scalar(query)
-    return level
+_PAGE_COLUMNS = (
+    Vm.id, Vm.project, Vm.priority, Vm.queue_rank, Vm.created_at, Vm.placement_class, Vm.vcpus, Vm.memory_mib,
+)
+# Page statements are built once per (memo terms, resuming), with the values as bound parameters:
+# building the expression costs far more than running it.
+_page_statements: dict[tuple[int, bool], Select[Any]] = {}
 
 
-def _excluding(query: Select[Any], exclusions: list[tuple[str, int, int]]) -> Select[Any]:
-    for cls, vcpus, memory_mib in exclusions:
-        query = query.where(
-            not_(and_(Vm.placement_class == cls, Vm.vcpus >= vcpus, Vm.memory_mib >= memory_mib))
-        )
-    return query
+def _page_statement(terms: int, resume: bool) -> Select[Any]:
+    key = (terms, resume)
+    stmt = _page_statements.get(key)
+    if stmt is None:
+        stmt = select(*_PAGE_COLUMNS).where(Vm.status == PENDING, Vm.project == bindparam("project"))
+        if resume:
+            after = tuple_(
+                bindparam("rank", type_=Integer), bindparam("created_at", type_=UTCDateTime),
+                bindparam("vm_id", type_=Uuid),
+            )
+            stmt = stmt.where(tuple_(Vm.queue_rank, Vm.created_at, Vm.id) > after)
+        for i in range(terms):
+            stmt = stmt.where(
+                not_(
+                    and_(
+                        Vm.placement_class == bindparam(f"class_{i}", type_=String),
+                        Vm.vcpus >= bindparam(f"vcpus_{i}", type_=Integer),
+                        Vm.memory_mib >= bindparam(f"memory_{i}", type_=BigInteger),
+                    )
+                )
+            )
+        stmt = stmt.order_by(Vm.queue_rank, Vm.created_at, Vm.id).limit(PAGE)
+        _page_statements[key] = stmt
+    return stmt
 
 
-def _shape(vm: Vm) -> Shape:
-    cls = vm.placement_class or placement_class(vm_request(vm))
-    return Shape(cls, vm.vcpus, vm.memory_mib)
+_LAST_PENDING = (
+    select(Vm.queue_rank, Vm.created_at, Vm.id)
+    .where(Vm.status == PENDING, Vm.project == bindparam("project"))
+    .order_by(Vm.queue_rank.desc(), Vm.created_at.desc(), Vm.id.desc())
+    .limit(1)
+)
+
+
+def _candidate(row: Any) -> Candidate:
+    vm_id, project, priority, _rank, created_at, cls, vcpus, memory_mib = row
+    # A VM without a class (written by something that did not set one) is a class of its own:
+    # the memo then never skips it for another VM's failure.
+    return Candidate(vm_id, project, Shape(cls or f"vm:{vm_id}", vcpus, memory_mib), priority, created_at)
 
 
 def next_page(session: Session, walk: ProjectWalk, exclusions: list[tuple[str, int, int]]) -> None:
-    """Fill ``walk.page`` with the next pending VMs of its project, or mark the walk exhausted
-    (its position stays on the last VM read, to go on from there in a later pass)."""
-    if walk.level is None:
-        walk.level = _top_level(session, walk.project, None)
-        if walk.level is None:
-            walk.exhausted = True
-            return
-    while True:
-        query = select(Vm).where(Vm.status == PENDING, Vm.project == walk.project, Vm.priority == walk.level)
-        if walk.after is not None:
-            created_at, vm_id = walk.after
-            query = query.where(or_(Vm.created_at > created_at, and_(Vm.created_at == created_at, Vm.id > vm_id)))
-        rows = session.scalars(_excluding(query, exclusions).order_by(Vm.created_at, Vm.id).limit(PAGE)).all()
-        if rows:
-            walk.page = [Candidate(vm.id, vm.project, _shape(vm), vm.priority, vm.created_at) for vm in rows]
-            walk.after = (rows[-1].created_at, rows[-1].id)
-            return
-        lower = _top_level(session, walk.project, walk.level)
-        if lower is None:
-            walk.exhausted = True
-            return
-        walk.level, walk.after = lower, None
+    """Fill ``walk.page`` with the next pending VMs of its project in queue order, leaving out
+    those the memo excludes, or mark the walk exhausted (its position stays on the last VM read)."""
+    params: dict[str, Any] = {"project": walk.project}
+    if walk.after is not None:
+        params["rank"], params["created_at"], params["vm_id"] = walk.after
+    for i, (cls, vcpus, memory_mib) in enumerate(exclusions):
+        params.update({f"class_{i}": cls, f"vcpus_{i}": vcpus, f"memory_{i}": memory_mib})
+    stmt = _page_statement(len(exclusions), walk.after is not None)
+    conn = session.connection()
+    rows = conn.execute(stmt, params).all()
+    walk.page = [_candidate(row) for row in rows]
+    if len(rows) == PAGE:
+        walk.after = (rows[-1].queue_rank, rows[-1].created_at, rows[-1].id)
+        return
+    # The scan reached the project's last pending VM (what it left out, the memo excludes): go on
+    # from there next time, so that a pass with nothing new reads nothing.
+    last = conn.execute(_LAST_PENDING, {"project": walk.project}).first()
+    if last is not None and (walk.after is None or tuple(last) > walk.after):
+        walk.after = (last.queue_rank, last.created_at, last.id)
+    walk.exhausted = not rows
 
 
 def expired_ids(session: Session, now: datetime) -> list[uuid.UUID]:
