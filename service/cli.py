@@ -889,10 +889,12 @@ def _used_text(q: Quota, resource: str) -> Text:
     return Text(f"{used}/{'-' if limit is None else limit}", style=style)
 
 
-def _quotas_table(quotas: Iterable[Quota]) -> Table:
-    table = _table("PROJECT", "VMS", "VCPUS", "MEMORY MIB", "TDX VMS")
+def _quotas_table(quotas: Iterable[Quota], wide: bool) -> Table:
+    table = _table("PROJECT", "VMS", "VCPUS", "MEMORY MIB", "TDX VMS", *(["GENERATION"] if wide else []))
     for q in quotas:
-        table.add_row(q["project"], *(_used_text(q, r) for r in QUOTA_RESOURCES))
+        table.add_row(
+            q["project"], *(_used_text(q, r) for r in QUOTA_RESOURCES), *([str(q["generation"])] if wide else [])
+        )
     return table
 
 
@@ -910,9 +912,8 @@ def _show_quota(q: Quota, output: Output) -> None:
     if output is Output.json:
         _print_json(q)
         return
-    console = _console()
-    console.print(Text(f"project {q['project']}", style="bold"))
-    console.print(_quota_details(q))
+    heading = f"project {q['project']}" + (f" (quota generation {q['generation']})" if output is Output.wide else "")
+    _show(Text(heading, style="bold"), _quota_details(q))
 
 
 def _limit(value: str, option: str) -> int | None:
@@ -930,7 +931,7 @@ LimitOpt = Annotated[str | None, typer.Option(metavar="N|none", show_default=Fal
 @quota_app.command("show")
 def quota_show(ctx: typer.Context, project: str, output: OutputOpt = Output.table) -> None:
     """A project's limits and usage (VMs not yet ended: pending, scheduled, running, deleting)."""
-    with _client(ctx) as c:
+    with _client(ctx, Subject("project", project)) as c:
         q = c.get_quota(project)
     _show_quota(q, output)
 
@@ -951,7 +952,7 @@ def quota_set(
     changes = {k: _limit(v, f"--{k.replace('_', '-')}") for k, v in given.items() if v is not None}
     if not changes:
         _fail("nothing to set: give at least one of --vms, --vcpus, --memory-mib, --tdx-vms", 2)
-    with _client(ctx) as c:
+    with _client(ctx, Subject("project", project)) as c:
         current = c.get_quota(project)
         limits = {**cast(Mapping[str, int | None], current["limits"]), **changes}
         # If-Match: a concurrent change between the read and the write is refused, not overwritten.
@@ -969,8 +970,10 @@ def quota_list(ctx: typer.Context, output: OutputOpt = Output.table) -> None:
         quotas = list(c.iter_projects())
     if output is Output.json:
         _print_json(quotas)
-    else:
-        _console().print(_quotas_table(quotas))
+        return
+    _show(_quotas_table(quotas, output is Output.wide))
+    if not quotas:
+        _nothing("projects")
 
 
 def main() -> None:

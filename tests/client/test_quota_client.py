@@ -64,8 +64,12 @@ def test_rate_limited_carries_retry_after(live: LiveServer) -> None:
 
 def test_tdxctl_quota_show_set_list(live: LiveServer) -> None:
     ctl = Ctl(live)
+    empty = ctl("quota", "list")
+    assert empty.exit_code == 0 and "PROJECT" in empty.stdout and "no projects" in empty.stderr
     out = ctl.ok("quota", "show", "team")
     assert "vms" in out and "tdx_vms" in out
+    unknown = ctl("quota", "show", "Not_A_Name")
+    assert unknown.exit_code == 1 and "no project Not_A_Name" in unknown.stderr
     q = ctl.json("quota", "set", "team", "--vms", "10", "--tdx-vms", "4")
     assert q["limits"] == {"vms": 10, "vcpus": None, "memory_mib": None, "tdx_vms": 4}
     # Only the given limits change; 'none' removes one.
@@ -75,6 +79,8 @@ def test_tdxctl_quota_show_set_list(live: LiveServer) -> None:
     listed = ctl.ok("quota", "list")
     assert "team" in listed and "0/64" in listed and "0/4" in listed and "0/-" in listed
     assert [p["project"] for p in ctl.json("quota", "list")] == ["team"]
+    assert "GENERATION" in ctl.ok("quota", "list", "-o", "wide")
+    assert "generation 2" in ctl.ok("quota", "show", "team", "-o", "wide")
     bad = ctl("quota", "set", "team", "--vms", "-3")
     assert bad.exit_code == 2
     nothing = ctl("quota", "set", "team")
