@@ -40,7 +40,7 @@ def empty_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 
 def test_existing_vms_become_the_projects_usage(empty_url: str) -> None:
     cfg = alembic_config(empty_url)
-    command.upgrade(cfg, "0001")
+    command.upgrade(cfg, "0003_quotas-1")  # the schema just before the quotas migration
     now = datetime.now(UTC)
     when = sa.DateTime(timezone=True)
     vms = sa.table(

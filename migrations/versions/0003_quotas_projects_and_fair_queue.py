@@ -1,7 +1,7 @@
 """projects (quota limits and usage) and the fair pending queue's columns and indexes
 
-Revision ID: 0002_quotas
-Revises: 0001
+Revision ID: 0003_quotas
+Revises: 0002
 Create Date: 2026-11-29 17:40:00
 
 Usage is backfilled from the VMs not yet ended, so an existing deployment starts with counters
@@ -19,8 +19,8 @@ from datetime import UTC, datetime
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0002_quotas"
-down_revision: str | None = "0001"
+revision: str = "0003_quotas"
+down_revision: str | None = "0002"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
