@@ -195,6 +195,19 @@ def test_a_reboot_makes_vms_lost_and_releases_their_usage(api: Api) -> None:
     assert _usage(api, "a") == NO_USAGE
 
 
+def test_a_failed_tdx_module_loses_the_tds_and_releases_their_usage_only(api: Api) -> None:
+    api.create_host("h")
+    load = api.report_load("h")
+    agent = api.token("agent", host="h")
+    api.create_vm(name="td", project="p", vcpus=2, memory_mib=2048, tdx=True)
+    api.create_vm(name="plain", project="p", vcpus=3, memory_mib=1024, tdx=False)
+    beat = {"load_id": load["load_id"], "module_version": None, "module_healthy": False}
+    r = api.client.post("/v1/hosts/h/heartbeat", json=beat, headers=agent)
+    assert r.status_code == 200, r.text
+    assert _usage(api, "p") == {"vms": 1, "vcpus": 3, "memory_mib": 1024, "tdx_vms": 0}
+    assert _kept(api) == _recount(api)
+
+
 def test_a_pending_vm_past_its_deadline_fails_and_releases_its_usage(api: Api) -> None:
     vm = api.create_vm(name="late", project="p", schedule_timeout_s=1).json()
     assert vm["status"] == "pending"
