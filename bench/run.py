@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from bench import dbceiling, report, scenarios, servers
+from bench import dbceiling, fair_queue, report, scenarios, servers
 from bench import fleet as fleetmod
 from bench.checks import Ledger
 from bench.load import Recorder, closed_loop, timed
@@ -25,7 +25,7 @@ from bench.scenarios import Driver, Row
 from bench.wire import Connection
 
 RESULTS = Path(__file__).resolve().parent / "results"
-ALL = ("B", "S1", "S2", "S4", "S5", "S7", "S8")
+ALL = ("B", "S1", "S2", "S4", "S5", "S7", "S8", "Q")
 
 
 @dataclass(frozen=True)
@@ -362,6 +362,9 @@ async def main_async(args: argparse.Namespace) -> int:
                 rows += await s4(db, plan, args.postgres_url, log_dir, verifications)
             if "B" in wanted:
                 rows += await bulk_load(db, plan, args.postgres_url, log_dir)
+            if "Q" in wanted:
+                log(f"{db}: Q, the pending queue with {fair_queue.PROJECTS * fair_queue.PER_PROJECT:,} pending VMs")
+                rows += await fair_queue.run(db, log_dir, args.postgres_url, plan.api_hosts)
         if "S7" in wanted and "postgres" in dbs:
             rows += await s7(plan, args.postgres_url, log_dir, verifications)
         log("HTTP ceiling again (the machine is shared: the ratios use the mean of both)")

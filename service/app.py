@@ -27,6 +27,8 @@ from service.hosts.router import router as hosts_router
 from service.metrics import Metrics
 from service.middleware import BodyLimitMiddleware, RequestLogMiddleware
 from service.models import Host, Vm
+from service.projects.router import router as projects_router
+from service.ratelimit import RateLimiter
 from service.scheduler import queue
 from service.scheduler.engine import SchedulerConfig
 from service.scheduler.router import router as scheduling_router
@@ -64,6 +66,7 @@ def build_context(settings: Settings, db: Database | None = None) -> AppContext:
         token_cache=TokenCache(settings.token_cache_ttl_s),
         metrics=Metrics(),
         placement=placement,
+        create_limiter=RateLimiter(settings.vm_create_rate_per_s, settings.vm_create_burst),
         admin_token_hash=hash_secret(settings.admin_token) if settings.admin_token else None,
     )
     db.before_commit_hooks.append(write_pending_events)
@@ -131,6 +134,7 @@ def create_app(settings: Settings | None = None, db: Database | None = None) -> 
     app.include_router(hosts_batch_router)
     app.include_router(hosts_router)
     app.include_router(vms_router)
+    app.include_router(projects_router)
     app.include_router(scheduling_router)
     app.include_router(events_router)
     app.include_router(dashboard_router)

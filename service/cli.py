@@ -15,7 +15,7 @@ import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any, NoReturn, cast
 
 import typer
 from rich.console import Console, RenderableType
@@ -32,6 +32,7 @@ from service.client import (
     HostFilter,
     Load,
     Preview,
+    Quota,
     TdxClient,
     Token,
     Vm,
@@ -104,10 +105,12 @@ hosts_app = typer.Typer(help="Physical hosts and their TDX readiness.", no_args_
 vms_app = typer.Typer(help="VM requests and their placement.", no_args_is_help=True)
 schedule_app = typer.Typer(help="Scheduling insight.", no_args_is_help=True)
 tokens_app = typer.Typer(help="API tokens (admin).", no_args_is_help=True)
+quota_app = typer.Typer(help="Project quotas and usage.", no_args_is_help=True)
 app.add_typer(hosts_app, name="hosts")
 app.add_typer(vms_app, name="vms")
 app.add_typer(schedule_app, name="schedule")
 app.add_typer(tokens_app, name="tokens")
+app.add_typer(quota_app, name="quota")
 
 
 @app.callback()
@@ -867,6 +870,110 @@ def whoami(ctx: typer.Context, output: OutputOpt = Output.table) -> None:
         ("role", me["role"]), ("token", me["token_id"]), ("host", _or_dash(me["host"])),
         ("project", _or_dash(me["project"])), ("server", c.server),
     ]))
+
+# ---- projects and quotas ----------------------------------------------------------------------
+
+QUOTA_RESOURCES = ("vms", "vcpus", "memory_mib", "tdx_vms")
+
+
+def _usage(q: Quota, resource: str) -> tuple[int, int | None]:
+    """Used and limit (None: no limit) of one resource."""
+    limits = cast(Mapping[str, int | None], q["limits"])
+    usage = cast(Mapping[str, int], q["usage"])
+    return usage[resource], limits[resource]
+
+
+def _used_text(q: Quota, resource: str) -> Text:
+    used, limit = _usage(q, resource)
+    style = "red" if limit is not None and used >= limit else ""
+    return Text(f"{used}/{'-' if limit is None else limit}", style=style)
+
+
+def _quotas_table(quotas: Iterable[Quota], wide: bool) -> Table:
+    table = _table("PROJECT", "VMS", "VCPUS", "MEMORY MIB", "TDX VMS", *(["GENERATION"] if wide else []))
+    for q in quotas:
+        table.add_row(
+            q["project"], *(_used_text(q, r) for r in QUOTA_RESOURCES), *([str(q["generation"])] if wide else [])
+        )
+    return table
+
+
+def _quota_details(q: Quota) -> Table:
+    table = _table("RESOURCE", "USED", "LIMIT", "FREE")
+    for r in QUOTA_RESOURCES:
+        used, limit = _usage(q, r)
+        free = "-" if limit is None else str(max(limit - used, 0))
+        table.add_row(r, Text(str(used), style="red" if limit is not None and used >= limit else ""),
+                      _or_dash(limit), free)
+    return table
+
+
+def _show_quota(q: Quota, output: Output) -> None:
+    if output is Output.json:
+        _print_json(q)
+        return
+    heading = f"project {q['project']}" + (f" (quota generation {q['generation']})" if output is Output.wide else "")
+    _show(Text(heading, style="bold"), _quota_details(q))
+
+
+def _limit(value: str, option: str) -> int | None:
+    """``none`` (no limit) or an integer >= 0."""
+    if value.lower() in ("none", "null", "unlimited"):
+        return None
+    if not value.isdigit():
+        raise typer.BadParameter(f"{value!r} is neither an integer >= 0 nor 'none'", param_hint=option)
+    return int(value)
+
+
+LimitOpt = Annotated[str | None, typer.Option(metavar="N|none", show_default=False)]
+
+
+@quota_app.command("show")
+def quota_show(ctx: typer.Context, project: str, output: OutputOpt = Output.table) -> None:
+    """A project's limits and usage (VMs not yet ended: pending, scheduled, running, deleting)."""
+    with _client(ctx, Subject("project", project)) as c:
+        q = c.get_quota(project)
+    _show_quota(q, output)
+
+
+@quota_app.command("set")
+def quota_set(
+    ctx: typer.Context,
+    project: str,
+    vms: LimitOpt = None,
+    vcpus: LimitOpt = None,
+    memory_mib: LimitOpt = None,
+    tdx_vms: LimitOpt = None,
+    output: OutputOpt = Output.table,
+) -> None:
+    """Change some of a project's limits ('none': no limit); the others stay as they are. A limit
+    below the current usage refuses new VMs and touches none of the existing ones."""
+    given = {"vms": vms, "vcpus": vcpus, "memory_mib": memory_mib, "tdx_vms": tdx_vms}
+    changes = {k: _limit(v, f"--{k.replace('_', '-')}") for k, v in given.items() if v is not None}
+    if not changes:
+        _fail("nothing to set: give at least one of --vms, --vcpus, --memory-mib, --tdx-vms", 2)
+    with _client(ctx, Subject("project", project)) as c:
+        current = c.get_quota(project)
+        limits = {**cast(Mapping[str, int | None], current["limits"]), **changes}
+        # If-Match: a concurrent change between the read and the write is refused, not overwritten.
+        q = c.set_quota(
+            project, vms=limits["vms"], vcpus=limits["vcpus"], memory_mib=limits["memory_mib"],
+            tdx_vms=limits["tdx_vms"], if_match=current["generation"],
+        )
+    _show_quota(q, output)
+
+
+@quota_app.command("list")
+def quota_list(ctx: typer.Context, output: OutputOpt = Output.table) -> None:
+    """Every project with its usage/limit per resource ('-': no limit)."""
+    with _client(ctx) as c:
+        quotas = list(c.iter_projects())
+    if output is Output.json:
+        _print_json(quotas)
+        return
+    _show(_quotas_table(quotas, output is Output.wide))
+    if not quotas:
+        _nothing("projects")
 
 
 def main() -> None:

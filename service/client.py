@@ -53,6 +53,11 @@ __all__ = [
     "Page",
     "PreconditionFailed",
     "Preview",
+    "ProjectUsage",
+    "Quota",
+    "QuotaExceeded",
+    "QuotaLimits",
+    "RateLimited",
     "ServerError",
     "TaggedHost",
     "TdxClient",
@@ -302,6 +307,30 @@ class WhoAmI(TypedDict):
     host: str | None
     project: str | None
 
+class QuotaLimits(TypedDict):
+    """A project's limits; None: no limit."""
+
+    vms: int | None
+    vcpus: int | None
+    memory_mib: int | None
+    tdx_vms: int | None
+
+
+class ProjectUsage(TypedDict):
+    """What a project's VMs not yet ended (pending, scheduled, running, deleting) take."""
+
+    vms: int
+    vcpus: int
+    memory_mib: int
+    tdx_vms: int
+
+
+class Quota(TypedDict):
+    project: str
+    limits: QuotaLimits
+    usage: ProjectUsage
+    generation: int
+
 
 # ---- keyword options shared by both clients ---------------------------------------------------
 
@@ -366,7 +395,30 @@ class Unauthorized(ApiError):
 
 
 class Forbidden(ApiError):
-    """403: the token's role may not do this."""
+    """403: the token's role may not do this (or, ``QuotaExceeded``, its project's quota)."""
+
+
+class QuotaExceeded(Forbidden):
+    """403 ``quota_exceeded``: the create would take ``resource`` past its project's ``limit``."""
+
+    @property
+    def resource(self) -> str:
+        return str(self.problem.get("resource", ""))
+
+    @property
+    def limit(self) -> int | None:
+        value = self.problem.get("limit")
+        return int(value) if value is not None else None
+
+    @property
+    def usage(self) -> int | None:
+        value = self.problem.get("usage")
+        return int(value) if value is not None else None
+
+    @property
+    def request(self) -> int | None:
+        value = self.problem.get("request")
+        return int(value) if value is not None else None
 
 
 class NotFound(ApiError):
@@ -389,6 +441,12 @@ class ValidationFailed(ApiError):
         return list(self.problem.get("errors") or [])
 
 
+class RateLimited(ApiError):
+    """429 ``rate_limited``: too many requests from this token; ``retry_after`` seconds to wait."""
+
+    retry_after: float | None = None
+
+
 class ServerError(ApiError):
     """5xx"""
 
@@ -405,7 +463,16 @@ _ERRORS: dict[int, type[ApiError]] = {
     409: Conflict,
     412: PreconditionFailed,
     422: ValidationFailed,
+    429: RateLimited,
 }
+_CODES: dict[str, type[ApiError]] = {"quota_exceeded": QuotaExceeded}
+
+
+def _seconds(header: str | None) -> float | None:
+    try:
+        return float(header) if header is not None else None
+    except ValueError:
+        return None
 
 
 def error_from_response(response: httpx.Response) -> ApiError:
@@ -418,8 +485,11 @@ def error_from_response(response: httpx.Response) -> ApiError:
     status = response.status_code
     code = str(problem.get("code") or f"http_{status}")
     detail = str(problem.get("detail") or response.text[:200] or response.reason_phrase)
-    cls = ServerError if status >= 500 else _ERRORS.get(status, ApiError)
-    return cls(status, code, detail, problem)
+    cls = ServerError if status >= 500 else _CODES.get(code) or _ERRORS.get(status, ApiError)
+    error = cls(status, code, detail, problem)
+    if isinstance(error, RateLimited):
+        error.retry_after = _seconds(response.headers.get("Retry-After"))
+    return error
 
 
 # ---- calls: one description per endpoint, shared by both clients ------------------------------
@@ -504,6 +574,14 @@ def _page(limit: int | None, cursor: str | None) -> Params:
 
 def _vm_body(name: str, vcpus: int, memory_mib: int, tdx: bool, options: VmOptions) -> dict[str, Any]:
     return {"name": name, "vcpus": vcpus, "memory_mib": memory_mib, "tdx": tdx, **_options(options)}
+
+
+def _etag(value: str | int | None) -> str | None:
+    """An If-Match value from a generation (``3``) or an ETag as the server sent it (``"3"``)."""
+    if value is None:
+        return None
+    text = str(value)
+    return text if text.startswith(('"', "W/")) or text == "*" else f'"{text}"'
 
 
 def _options(options: Mapping[str, Any]) -> dict[str, Any]:
@@ -651,6 +729,24 @@ class _calls:
         kinds = [kind] if isinstance(kind, str) else kind
         params = _params(after=after, kind=kinds, subject=subject, limit=limit, wait=wait)
         return _Call("GET", "/v1/events", _json, params, idempotent=True, extra_timeout=wait or 0.0)
+
+    @staticmethod
+    def get_quota(project: str) -> _Call[Quota]:
+        return _get(f"/v1/projects/{project}/quota", _json)
+
+    @staticmethod
+    def set_quota(project: str, limits: QuotaLimits, if_match: str | None) -> _Call[Quota]:
+        # Without If-Match a repeated PUT leaves the same limits: safe to retry. With it, the first
+        # attempt's success would make the retry fail, so it is not retried.
+        headers = {"If-Match": if_match} if if_match is not None else {}
+        return _Call(
+            "PUT", f"/v1/projects/{project}/quota", _json, body=dict(limits), headers=headers,
+            idempotent=if_match is None,
+        )
+
+    @staticmethod
+    def list_projects(limit: int | None, cursor: str | None) -> _Call[Page[Quota]]:
+        return _get("/v1/projects", _json, _page(limit, cursor))
 
     @staticmethod
     def healthz() -> _Call[dict[str, str]]:
@@ -995,6 +1091,25 @@ class TdxClient:
         """The role of this client's token, and the host or project it is bound to."""
         return self._send(_calls.whoami())
 
+    # projects and quotas
+    def get_quota(self, project: str) -> Quota:
+        return self._send(_calls.get_quota(project))
+
+    def set_quota(
+        self, project: str, *, vms: int | None = None, vcpus: int | None = None, memory_mib: int | None = None,
+        tdx_vms: int | None = None, if_match: str | int | None = None,
+    ) -> Quota:
+        """Replace ``project``'s limits (None: no limit). ``if_match``: the quota's ``generation``
+        the change is based on (412 ``precondition_failed`` if it moved)."""
+        limits = QuotaLimits(vms=vms, vcpus=vcpus, memory_mib=memory_mib, tdx_vms=tdx_vms)
+        return self._send(_calls.set_quota(project, limits, _etag(if_match)))
+
+    def list_projects(self, *, limit: int | None = None, cursor: str | None = None) -> Page[Quota]:
+        return self._send(_calls.list_projects(limit, cursor))
+
+    def iter_projects(self, *, limit: int | None = None) -> Iterator[Quota]:
+        return self._pages(_calls.list_projects(limit, None))
+
     def healthz(self) -> dict[str, str]:
         return self._send(_calls.healthz())
 
@@ -1200,6 +1315,24 @@ class AsyncTdxClient:
 
     async def whoami(self) -> WhoAmI:
         return await self._send(_calls.whoami())
+
+    # projects and quotas
+    async def get_quota(self, project: str) -> Quota:
+        return await self._send(_calls.get_quota(project))
+
+    async def set_quota(
+        self, project: str, *, vms: int | None = None, vcpus: int | None = None, memory_mib: int | None = None,
+        tdx_vms: int | None = None, if_match: str | int | None = None,
+    ) -> Quota:
+        """Replace ``project``'s limits (see ``TdxClient.set_quota``)."""
+        limits = QuotaLimits(vms=vms, vcpus=vcpus, memory_mib=memory_mib, tdx_vms=tdx_vms)
+        return await self._send(_calls.set_quota(project, limits, _etag(if_match)))
+
+    async def list_projects(self, *, limit: int | None = None, cursor: str | None = None) -> Page[Quota]:
+        return await self._send(_calls.list_projects(limit, cursor))
+
+    def iter_projects(self, *, limit: int | None = None) -> AsyncIterator[Quota]:
+        return self._pages(_calls.list_projects(limit, None))
 
     async def healthz(self) -> dict[str, str]:
         return await self._send(_calls.healthz())

@@ -28,6 +28,11 @@ class Settings(BaseSettings):
     queue_tick_s: float = Field(default=5.0, gt=0)
     idempotency_ttl_s: int = Field(default=86400, ge=86400)
     token_cache_ttl_s: float = Field(default=1.0, ge=0)
+    # VM creates per second per API token (a token bucket in each replica; 0: no limit), the
+    # bucket's size (a burst), and whether admin tokens are limited too.
+    vm_create_rate_per_s: float = Field(default=10.0, ge=0)
+    vm_create_burst: int = Field(default=100, ge=1)
+    rate_limit_admin: bool = False
     log_requests: bool = True
     run_background_tasks: bool = True
 

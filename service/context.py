@@ -12,6 +12,7 @@ from service.auth import TokenCache
 from service.config import Settings
 from service.db import Database
 from service.metrics import Metrics
+from service.ratelimit import RateLimiter
 from service.signals import Signal
 
 if TYPE_CHECKING:
@@ -25,6 +26,7 @@ class AppContext:
     token_cache: TokenCache
     metrics: Metrics
     placement: PlacementSettings
+    create_limiter: RateLimiter
     admin_token_hash: str | None = None
     # Fired after any event commits (here or, on PostgreSQL, in another replica).
     events_signal: Signal = field(default_factory=Signal)

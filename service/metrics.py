@@ -25,6 +25,24 @@ class Metrics:
             "Claims that lost a race on a host and moved on to the next candidate",
             registry=self.registry,
         )
+        self.queue_passes = Counter(
+            "tdx_queue_passes", "Passes of the pending queue (one per wake-up, or more after a budget ran out)",
+            registry=self.registry,
+        )
+        self.queue_pass_seconds = Histogram(
+            "tdx_queue_pass_seconds",
+            "Time one pass of the pending queue took",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+            registry=self.registry,
+        )
+        self.queue_attempts = Counter(
+            "tdx_queue_attempts", "Placement attempts of pending VMs by the queue", registry=self.registry
+        )
+        self.queue_skipped = Counter(
+            "tdx_queue_skipped",
+            "Pending VMs the queue read and skipped, their shape known not to fit",
+            registry=self.registry,
+        )
         self.pending = Gauge("tdx_vms_pending", "VMs waiting for a host", registry=self.registry)
         self.hosts = Gauge("tdx_hosts", "Hosts by TDX state", ["tdx_state"], registry=self.registry)
         self.keyids_total = Gauge(

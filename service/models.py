@@ -135,6 +135,10 @@ class Load(Base):
     __table_args__ = (Index("ix_loads_host_seq", "host_id", "seq"),)
 
 
+def _minus_priority(context: Any) -> int:
+    return -int(context.get_current_parameters().get("priority") or 0)
+
+
 class Vm(Base):
     __tablename__ = "vms"
 
@@ -147,6 +151,14 @@ class Vm(Base):
     selector: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
     anti_affinity_group: Mapped[str | None] = mapped_column(String(63))
     priority: Mapped[int] = mapped_column(Integer, default=0)
+    # -priority (priorities never change): the pending queue walks (queue_rank, created_at, id)
+    # ascending, highest priority first and oldest first within one, on a plain ascending index
+    # (Alembic cannot compare DESC index columns on SQLite).
+    queue_rank: Mapped[int] = mapped_column(Integer, default=_minus_priority)
+    # What the placement filters see of the VM besides its size (tdx, selector, anti-affinity
+    # group), as a digest: VMs of one class and size fit on exactly the same hosts (see
+    # service/scheduler/shape_memo.py). Null for VMs created before it existed.
+    placement_class: Mapped[str | None] = mapped_column(String(32))
     status: Mapped[str] = mapped_column(String(16))
     status_detail: Mapped[str | None] = mapped_column(Text)
     host_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, ForeignKey("hosts.id", ondelete="SET NULL"))
@@ -160,7 +172,9 @@ class Vm(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     __table_args__ = (
-        Index("ix_vms_queue", "status", "priority", "created_at"),
+        # The pending queue walks each project's pending VMs in queue order.
+        Index("ix_vms_project_queue", "status", "project", "queue_rank", "created_at", "id"),
+        Index("ix_vms_status_deadline", "status", "deadline"),
         Index("ix_vms_host_status", "host_id", "status"),
         Index("ix_vms_group_host", "anti_affinity_group", "host_id"),
         Index("ix_vms_project_id", "project", "id"),
@@ -210,3 +224,26 @@ class Event(Base):
         Index("ix_events_subject_id", "subject", "id"),
         Index("ix_events_project_id", "project", "id"),
     )
+
+
+class Project(Base):
+    """A project's quota: limits (null: none) and the usage of its VMs not yet ended (pending,
+    scheduled, running, deleting). The usage is kept by service/projects/quota.py in the same
+    transaction as every change of a VM's status, so it is always equal to a recount."""
+
+    __tablename__ = "projects"
+
+    name: Mapped[str] = mapped_column(String(63), primary_key=True)
+    limit_vms: Mapped[int | None] = mapped_column(BigInteger)
+    limit_vcpus: Mapped[int | None] = mapped_column(BigInteger)
+    limit_memory_mib: Mapped[int | None] = mapped_column(BigInteger)
+    limit_tdx_vms: Mapped[int | None] = mapped_column(BigInteger)
+    used_vms: Mapped[int] = mapped_column(BigInteger, default=0)
+    used_vcpus: Mapped[int] = mapped_column(BigInteger, default=0)
+    used_memory_mib: Mapped[int] = mapped_column(BigInteger, default=0)
+    used_tdx_vms: Mapped[int] = mapped_column(BigInteger, default=0)
+    # Bumped when the limits change (ETag / If-Match on the quota); usage changes do not bump it.
+    # 0 until limits are first set.
+    generation: Mapped[int] = mapped_column(BigInteger, default=0)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -239,6 +239,26 @@ def test_vm_list_shows_every_status_and_filters(page: Page, fleet: Fleet) -> Non
     expect(page.locator("#vms-table")).not_to_contain_text("db-0")
 
 
+def test_projects_page_shows_quota_use_as_tdxctl_does(page: Page, fleet: Fleet) -> None:
+    with fleet.admin() as c:
+        c.set_quota("shop", vms=5, tdx_vms=2)
+    open_dashboard(page, fleet, fleet.reader)
+    page.get_by_role("link", name="Projects", exact=True).click()
+    rows = page.locator("#projects-table tbody tr")
+    cli = tdxctl_columns(fleet.reader, fleet.url, "quota", "list")
+    assert cli["shop"][1:] == ["2/5", "8/-", "16384/-", "2/2"]  # web-0 and web-1; db-0 ended
+    expect(rows).to_have_count(len(cli))
+    for name, columns in cli.items():
+        cells = rows.filter(has=page.get_by_role("link", name=name, exact=True)).locator("td")
+        for i in (1, 2, 4):  # VMs, vCPUs and TDX VMs as tdxctl prints them (memory is in GiB here)
+            expect(cells.nth(i)).to_have_text(columns[i])
+    expect(rows.filter(has_text="shop").locator("td").nth(3)).to_have_text("16/-")
+    expect(rows.filter(has_text="shop").locator(".bar-high")).to_have_count(1)  # TDX VMs at the limit
+    page.get_by_role("link", name="shop", exact=True).click()
+    expect(page).to_have_url(re.compile(r"#/vms\?project=shop&status=not-ended$"))
+    expect(page.locator("#vms-table tbody tr")).to_have_count(2)
+
+
 def test_event_log_pages_older_and_newer(page: Page, fleet: Fleet) -> None:
     open_dashboard(page, fleet, fleet.reader, "#/events")
     items = page.locator("#event-page .event")

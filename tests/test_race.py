@@ -8,19 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
-import subprocess
-import sys
-import time
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 
 import httpx
 import pytest
-from sqlalchemy import create_engine, text
 
-from tests.conftest import POSTGRES_URL, _with_search_path, load_body
+from tests.conftest import POSTGRES_URL, load_body
+from tests.replicas import serve_replicas
 
 TOKEN = "tdx_race-admin"
 HOSTS = 6
@@ -30,62 +25,10 @@ REQUESTS = int(os.environ.get("RACE_REQUESTS", "240"))
 pytestmark = pytest.mark.skipif(not POSTGRES_URL, reason="needs TDX_TEST_POSTGRES_URL")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def replicas() -> Iterator[list[str]]:
-    assert POSTGRES_URL
-    schema = f"race_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    env = {
-        **os.environ,
-        "TDX_DATABASE_URL": _with_search_path(POSTGRES_URL, schema),
-        "TDX_ADMIN_TOKEN": TOKEN,
-        "TDX_HEARTBEAT_TIMEOUT_S": "3600",
-        "TDX_LOG_REQUESTS": "false",
-    }
-    procs: list[subprocess.Popen[bytes]] = []
-    urls: list[str] = []
-    try:
-        # Both start at once: migrations must be safe against each other.
-        for _ in range(2):
-            port = _free_port()
-            procs.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "service.main", "serve", "--port", str(port)],
-                    env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                )
-            )
-            urls.append(f"http://127.0.0.1:{port}")
-        deadline = time.monotonic() + 60
-        for url, proc in zip(urls, procs, strict=True):
-            while True:
-                assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else "server exited"
-                try:
-                    if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert time.monotonic() < deadline, "server did not start"
-                time.sleep(0.2)
+    with serve_replicas(TOKEN) as urls:
         yield urls
-    finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
 
 
 async def _fire(urls: list[str]) -> list[httpx.Response]:

@@ -1,5 +1,5 @@
-// The columns of the host and VM tables, shared by every page that lists them. A new column (a
-// project's quota, a host's running operation) is one more entry here.
+// The columns of the host, VM and project tables, shared by every page that lists them. A new
+// column (a host's running operation) is one more entry here.
 "use strict";
 
 import { alivePill, chips, el, gib, labelsOf, link, schedulingPill, tdxBadge, usageBar, vmStatus, age } from "./dom.js";
@@ -91,4 +91,45 @@ export const PENDING_COLUMNS = [
     hint: (vm) => `created ${vm.created_at}; fails if still pending at ${vm.deadline}`,
   },
   { title: "Why not placed", render: why },
+];
+
+// A project's quota, resource by resource: used/limit as tdxctl quota list prints it ("-": no limit).
+function quota(resource, toText) {
+  const show = toText || String;
+  return (p) => {
+    const used = p.usage[resource];
+    const limit = p.limits[resource];
+    if (limit === null || limit === undefined) {
+      const box = el("div", "usage");
+      box.append(el("span", "usage-text", `${show(used)}/-`));
+      return box;
+    }
+    return usageBar(show(used), show(limit));
+  };
+}
+
+function quotaHint(resource, unit) {
+  return (p) => {
+    const limit = p.limits[resource];
+    const used = p.usage[resource];
+    return limit === null || limit === undefined ? `${used} ${unit}, no limit` : `${used} of ${limit} ${unit}`;
+  };
+}
+
+export function projectVmsHref(project) {
+  return `#/vms?project=${encodeURIComponent(project)}&status=not-ended`;
+}
+
+// Usage counts VMs not yet ended (pending, scheduled, running, deleting).
+export const PROJECT_COLUMNS = [
+  { title: "Project", className: "name", render: (p) => link(projectVmsHref(p.project), p.project) },
+  { title: "VMs", className: "num", render: quota("vms"), hint: quotaHint("vms", "VMs not yet ended") },
+  { title: "vCPUs", className: "num", render: quota("vcpus"), hint: quotaHint("vcpus", "vCPUs") },
+  {
+    title: "Memory GiB",
+    className: "num",
+    render: quota("memory_mib", gib),
+    hint: quotaHint("memory_mib", "MiB"),
+  },
+  { title: "TDX VMs", className: "num", render: quota("tdx_vms"), hint: quotaHint("tdx_vms", "TDX VMs (one KeyID each)") },
 ];

@@ -3,6 +3,7 @@
 //   #/              overview (fleet tiles, hosts, pending VMs, live events)
 //   #/hosts/NAME    one host, with cordon / uncordon / drain for an admin token
 //   #/vms?...       every VM, filtered by project, status and host
+//   #/projects      every project's quota: used/limit per resource
 //   #/events?...    the event log, page by page
 // A page is a module with mount(container, params, app); adding one is a route below and a link
 // in index.html's nav.
@@ -13,12 +14,14 @@ import { $, clock } from "./dom.js";
 import * as events from "./events.js";
 import * as hostPage from "./host-page.js";
 import * as overview from "./overview.js";
+import * as projects from "./projects.js";
 import * as vmList from "./vm-list.js";
 
 const ROUTES = [
   { pattern: /^\/?$/, page: overview, nav: "overview" },
   { pattern: /^\/hosts\/([^/?]+)$/, page: hostPage, nav: "overview", names: ["name"] },
   { pattern: /^\/vms$/, page: vmList, nav: "vms" },
+  { pattern: /^\/projects$/, page: projects, nav: "projects" },
   { pattern: /^\/events$/, page: events, nav: "events" },
 ];
 

@@ -25,6 +25,8 @@ class VmStatus(StrEnum):
 # Statuses in which a VM holds resources on its host.
 HOLDS_RESOURCES = frozenset({VmStatus.SCHEDULED, VmStatus.RUNNING, VmStatus.DELETING})
 TERMINAL = frozenset({VmStatus.DELETED, VmStatus.FAILED, VmStatus.LOST})
+# Statuses in which a VM counts against its project's quota: every status but the ended ones.
+COUNTS_FOR_QUOTA = frozenset(VmStatus) - TERMINAL
 
 
 class Action(StrEnum):
@@ -47,6 +49,11 @@ class Transition:
 def releases(old: VmStatus, new: VmStatus) -> bool:
     """Whether moving from ``old`` to ``new`` gives the VM's resources back to its host."""
     return old in HOLDS_RESOURCES and new not in HOLDS_RESOURCES
+
+
+def ends_usage(old: VmStatus, new: VmStatus) -> bool:
+    """Whether moving from ``old`` to ``new`` gives the VM's share of its project's quota back."""
+    return old in COUNTS_FOR_QUOTA and new not in COUNTS_FOR_QUOTA
 
 
 class InvalidTransition(Exception):

@@ -41,6 +41,8 @@ async def create_vm(
 ) -> VmOut:
     principal.require("admin", "client")
     ctx: AppContext = get_context(request)
+    if principal.role != "admin" or ctx.settings.rate_limit_admin:
+        ctx.create_limiter.check(principal.key, "VM creates")
     started = time.perf_counter()
 
     def _create(s: Session) -> tuple[VmOut, bool, int]:

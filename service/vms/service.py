@@ -21,11 +21,21 @@ from service.events import emit
 from service.ids import uuid7
 from service.models import ACTIVE_VM_STATUSES, Host, IdempotencyKey, Vm
 from service.pagination import Page, encode_cursor
+from service.projects import quota
 from service.scheduler.claims import release
 from service.scheduler.engine import SchedulerConfig, place
 from service.scheduler.explain import count_reasons, explanation
+from service.scheduler.shape_memo import placement_class
 from service.scheduler.types import Context, VmRequest
-from service.vms.lifecycle import EVENT_KIND, Action, InvalidTransition, VmStatus, releases, transition
+from service.vms.lifecycle import (
+    EVENT_KIND,
+    Action,
+    InvalidTransition,
+    VmStatus,
+    ends_usage,
+    releases,
+    transition,
+)
 from service.vms.schemas import VmCreate, VmOut, VmStatusReport
 
 DEFAULT_PROJECT = "default"
@@ -80,6 +90,10 @@ def vm_request(vm: Vm) -> VmRequest:
         selector=tuple(sorted(vm.selector.items())),
         anti_affinity_group=vm.anti_affinity_group,
     )
+
+
+def vm_need(vm: Vm) -> quota.Resources:
+    return quota.need_of(vm.vcpus, vm.memory_mib, vm.tdx)
 
 
 def placement_context(now: datetime, heartbeat_timeout_s: float) -> Context:
@@ -209,8 +223,11 @@ def create_vm(
         created_at=now,
         updated_at=now,
     )
+    vm.placement_class = placement_class(vm_request(vm))
     placed = try_place(session, vm, ps, rng, now)
     session.add(vm)
+    # After placement, so that the project's row is locked only for the transaction's tail.
+    quota.claim(session, project, vm_need(vm))
     emit_vm_event(session, "vm.created", vm, project=project, tdx=vm.tdx)
     if placed:
         emit_vm_event(session, "vm.scheduled", vm)
@@ -271,6 +288,8 @@ def apply_action(session: Session, vm: Vm, action: Action, detail: str | None = 
         return False
     if releases(old, step.to) and vm.host_id is not None:
         release(session, vm.host_id, vm.vcpus, vm.memory_mib, 1 if vm.tdx else 0)
+    if ends_usage(old, step.to):
+        quota.release(session, vm.project, vm_need(vm))
     vm.status = step.to.value
     if detail is not None:
         vm.status_detail = detail
@@ -325,8 +344,11 @@ def _release_gone_vms(session: Session, host: Host, now: datetime, detail: str, 
     if tdx_only:
         query = query.where(Vm.tdx.is_(True))
     vms = session.scalars(query.with_for_update()).all()
+    ended: dict[str, quota.Resources] = {}
     for vm in vms:
         step = transition(VmStatus(vm.status), Action.HOST_REBOOTED)
+        if ends_usage(VmStatus(vm.status), step.to):
+            ended[vm.project] = ended.get(vm.project, quota.Resources()) + vm_need(vm)
         vm.status = step.to.value
         vm.status_detail = detail
         vm.updated_at = now
@@ -336,6 +358,7 @@ def _release_gone_vms(session: Session, host: Host, now: datetime, detail: str, 
         host.used_memory_mib -= vm.memory_mib
         host.used_keyids -= 1 if vm.tdx else 0
         host.vm_count -= 1
+    quota.release_many(session, ended)
     return len(vms)
 
 
