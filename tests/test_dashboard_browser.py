@@ -280,8 +280,11 @@ def test_event_log_pages_older_and_newer(page: Page, fleet: Fleet) -> None:
     expect(items.first).to_have_attribute("data-id", str(head))
     page.get_by_label("Subject").fill("node-3")
     page.get_by_role("button", name="Filter").click()
-    expect(items.first).to_be_visible()
-    subjects = items.locator(".event-subject").all_text_contents()
+    # Wait for the filtered page itself, not the previous page still on screen.
+    subject = items.locator(".event-subject")
+    expect(subject.first).to_have_text("node-3")
+    expect(subject.filter(has_not_text="node-3")).to_have_count(0)
+    subjects = subject.all_text_contents()
     assert subjects and set(subjects) == {"node-3"}
 
 
