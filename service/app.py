@@ -8,6 +8,7 @@ import logging
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request, Response
+from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
@@ -29,6 +30,8 @@ from service.middleware import BodyLimitMiddleware, RequestLogMiddleware
 from service.models import Host, Vm
 from service.projects.router import router as projects_router
 from service.ratelimit import RateLimiter
+from service.openapi import operation_id, problems, publish
+from service.routing import install_method_not_allowed
 from service.scheduler import queue
 from service.scheduler.engine import SchedulerConfig
 from service.scheduler.router import router as scheduling_router
@@ -127,9 +130,11 @@ def create_app(settings: Settings | None = None, db: Database | None = None) -> 
             "kvm_intel was loaded (kvm_intel.tdx=1), as reported by each host's agent."
         ),
         lifespan=lifespan,
+        generate_unique_id_function=operation_id,
     )
     app.state.ctx = ctx
     install_error_handlers(app)
+    install_method_not_allowed(app)
     app.include_router(tokens_router)
     app.include_router(hosts_batch_router)
     app.include_router(hosts_router)
@@ -140,11 +145,17 @@ def create_app(settings: Settings | None = None, db: Database | None = None) -> 
     app.include_router(dashboard_router)
     app.include_router(whoami_router)
 
-    @app.get("/healthz", tags=["operations"])
+    @app.get("/healthz", tags=["operations"], summary="The process is up")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz", tags=["operations"], response_model=None)
+    @app.get(
+        "/readyz",
+        tags=["operations"],
+        response_model=dict[str, str],
+        responses=problems("database_unavailable"),
+        summary="The database is reachable",
+    )
     async def readyz(request: Request) -> dict[str, str] | Response:
         try:
             await get_context(request).db.run(lambda s: s.connection().exec_driver_sql("SELECT 1"), write=False)
@@ -153,12 +164,22 @@ def create_app(settings: Settings | None = None, db: Database | None = None) -> 
             return problem_response(503, "database_unavailable", "the database is not reachable")
         return {"status": "ready"}
 
-    @app.get("/metrics", tags=["operations"])
+    @app.get(
+        "/metrics",
+        tags=["operations"],
+        response_class=PlainTextResponse,
+        responses={
+            200: {"content": {"text/plain": {"schema": {"type": "string"}}}},
+            **problems("database_unavailable"),
+        },
+        summary="Prometheus metrics (text exposition format)",
+    )
     async def metrics(request: Request) -> Response:
         c = get_context(request)
         await c.db.run(lambda s: _update_gauges(c, s), write=False)
         return Response(generate_latest(c.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    publish(app)
     app.add_middleware(BodyLimitMiddleware)
     app.add_middleware(RequestLogMiddleware, metrics=ctx.metrics, enabled=settings.log_requests)
     return app

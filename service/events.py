@@ -32,6 +32,7 @@ from service.clock import as_utc, utcnow
 from service.context import AppContext, get_context
 from service.errors import ProblemError
 from service.models import Event
+from service.openapi import problems
 
 log = logging.getLogger("tdx.events")
 
@@ -220,7 +221,7 @@ def _authorize(principal: Principal) -> None:
     principal.require("admin", "reader", "client")
 
 
-@router.get("", response_model=EventPage)
+@router.get("", response_model=EventPage, summary="Read events after an id (long-polls with wait)")
 async def list_events(
     request: Request,
     after: int = Query(0, ge=0),
@@ -248,12 +249,39 @@ async def list_events(
         await ctx.events_signal.wait(seen, remaining)
 
 
+SSE_DESCRIPTION = (
+    "Server-Sent Events: each event's `id` is the event id, `event` its kind, `data` the event as JSON "
+    "(as in `GET /v1/events`); a comment line every 15 s keeps the connection open"
+)
+SSE_EVENT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "string", "pattern": "^[0-9]+$"},
+        "event": {"type": "string"},
+        "data": {
+            "type": "string",
+            "contentMediaType": "application/json",
+            "contentSchema": {"$ref": "#/components/schemas/EventOut"},
+        },
+    },
+    "required": ["id", "event", "data"],
+}
+
+
 def _sse_frame(event: EventOut) -> bytes:
     payload = event.model_dump_json()
     return f"id: {event.id}\nevent: {event.kind}\ndata: {payload}\n\n".encode()
 
 
-@router.get("/stream")
+@router.get(
+    "/stream",
+    response_class=StreamingResponse,
+    responses={
+        200: {"content": {"text/event-stream": {"schema": SSE_EVENT_SCHEMA}}, "description": SSE_DESCRIPTION},
+        **problems("invalid_last_event_id"),
+    },
+    summary="Server-Sent Events, resumable with Last-Event-ID",
+)
 async def stream_events(
     request: Request,
     after: int = Query(0, ge=0),

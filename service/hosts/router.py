@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from pydantic import StringConstraints
 from sqlalchemy.orm import Session
 
 from service.auth import Principal, current_principal
@@ -20,8 +23,14 @@ from service.hosts.schemas import (
     LoadOut,
     LoadReport,
 )
+from service.openapi import problems
 from service.pagination import Page, PageParams
-from service.schemas import Name
+from service.schemas import LABEL_KEY_PATTERN, LABEL_VALUE_PATTERN, Name
+
+# label=key=value, both parts as in a host's labels (hosts without the label do not match).
+LabelFilter = Annotated[
+    str, StringConstraints(pattern=f"{LABEL_KEY_PATTERN[:-1]}={LABEL_VALUE_PATTERN[1:]}", max_length=317)
+]
 
 router = APIRouter(prefix="/v1/hosts", tags=["hosts"])
 batch_router = APIRouter(tags=["hosts"])
@@ -44,7 +53,9 @@ def _parse_label_filters(raw: list[str] | None) -> tuple[tuple[str, str], ...]:
     return tuple(pairs)
 
 
-@router.post("", status_code=201, response_model=HostOut)
+@router.post(
+    "", status_code=201, response_model=HostOut, responses=problems("host_name_taken"), summary="Register a host"
+)
 async def create_host(
     body: HostCreate, request: Request, response: Response, principal: Principal = Depends(current_principal)
 ) -> HostOut:
@@ -62,12 +73,12 @@ async def create_host(
     return host
 
 
-@router.get("", response_model=Page[HostOut])
+@router.get("", response_model=Page[HostOut], summary="List hosts")
 async def list_hosts(
     request: Request,
     tdx_state: TdxState | None = Query(None),
     schedulable: bool | None = Query(None),
-    label: list[str] | None = Query(None, max_length=20),
+    label: list[LabelFilter] | None = Query(None, max_length=20),
     page: PageParams = Depends(),
     principal: Principal = Depends(current_principal),
 ) -> Page[HostOut]:
@@ -82,7 +93,7 @@ async def list_hosts(
     )
 
 
-@router.get("/{name}", response_model=HostOut)
+@router.get("/{name}", response_model=HostOut, responses=problems("host_not_found"), summary="Get a host")
 async def get_host(
     name: Name, request: Request, response: Response, principal: Principal = Depends(current_principal)
 ) -> HostOut:
@@ -98,7 +109,13 @@ async def get_host(
     return host
 
 
-@router.patch("/{name}", response_model=HostOut)
+@router.patch(
+    "/{name}",
+    response_model=HostOut,
+    operation_id="updateHost",
+    responses=problems("host_not_found", "precondition_failed"),
+    summary="Change labels, cordon, drain or reservations (If-Match honoured)",
+)
 async def patch_host(
     name: Name,
     body: HostPatch,
@@ -116,14 +133,21 @@ async def patch_host(
     return host
 
 
-@router.delete("/{name}", status_code=204)
+@router.delete(
+    "/{name}", status_code=204, responses=problems("host_not_found", "host_not_empty"), summary="Delete a host"
+)
 async def delete_host(name: Name, request: Request, principal: Principal = Depends(current_principal)) -> Response:
     principal.require("admin")
     await get_context(request).db.run(lambda s: service.delete_host(s, name))
     return Response(status_code=204)
 
 
-@router.post("/{name}/drain", response_model=HostOut)
+@router.post(
+    "/{name}/drain",
+    response_model=HostOut,
+    responses=problems("host_not_found"),
+    summary="Drain a host: no new placements",
+)
 async def drain_host(
     name: Name, request: Request, response: Response, principal: Principal = Depends(current_principal)
 ) -> HostOut:
@@ -136,7 +160,16 @@ async def drain_host(
     return host
 
 
-@router.post("/{name}/loads", status_code=201, response_model=HostOut)
+@router.post(
+    "/{name}/loads",
+    status_code=201,
+    response_model=HostOut,
+    responses={
+        200: {"model": HostOut, "description": "a replay: this load was recorded already with the same facts"},
+        **problems("host_not_found", "load_id_conflict", "load_facts_immutable", "reload_with_active_vms"),
+    },
+    summary="Report a kvm_intel load (the host's agent)",
+)
 async def report_load(
     name: Name,
     body: LoadReport,
@@ -158,7 +191,12 @@ async def report_load(
     return host
 
 
-@router.get("/{name}/loads", response_model=Page[LoadOut])
+@router.get(
+    "/{name}/loads",
+    response_model=Page[LoadOut],
+    responses=problems("host_not_found"),
+    summary="Load history, newest first",
+)
 async def list_loads(
     name: Name, request: Request, page: PageParams = Depends(), principal: Principal = Depends(current_principal)
 ) -> Page[LoadOut]:
@@ -172,7 +210,13 @@ async def list_loads(
     return await get_context(request).db.run(lambda s: service.list_loads(s, name, after, page.limit), write=False)
 
 
-@router.post("/{name}/heartbeat", response_model=HostOut)
+@router.post(
+    "/{name}/heartbeat",
+    response_model=HostOut,
+    operation_id="sendHeartbeat",
+    responses=problems("host_not_found", "stale_load"),
+    summary="Heartbeat of the host's agent",
+)
 async def heartbeat(
     name: Name,
     body: Heartbeat,
@@ -188,7 +232,13 @@ async def heartbeat(
     return host
 
 
-@batch_router.post("/v1/hosts:batch", status_code=201, response_model=HostBatchOut)
+@batch_router.post(
+    "/v1/hosts:batch",
+    status_code=201,
+    response_model=HostBatchOut,
+    responses=problems("host_name_taken", "load_id_conflict"),
+    summary="Register up to 1,000 hosts at once",
+)
 async def register_hosts(
     body: HostBatch, request: Request, principal: Principal = Depends(current_principal)
 ) -> HostBatchOut:

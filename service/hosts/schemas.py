@@ -6,12 +6,14 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, StringConstraints, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StringConstraints, model_validator
+from pydantic.json_schema import SkipJsonSchema
 
 from service.hosts.readiness import KernelLog, TdxState
 from service.schemas import Count, Flag, Labels, MiB, Name, PositiveCount, StrictModel
 
-Ratio = Annotated[float, Field(gt=0, le=64)]
+# Strict: the string "4" is refused (an integer such as 4 is a number, and accepted).
+Ratio = Annotated[StrictFloat, Field(gt=0, le=64)]
 
 
 class HostCreate(StrictModel):
@@ -32,13 +34,23 @@ class HostCreate(StrictModel):
         return self
 
 
+def _no_null_defaults(schema: dict[str, Any]) -> None:
+    for prop in schema.get("properties", {}).values():
+        if "default" in prop and prop["default"] is None:
+            del prop["default"]
+
+
 class HostPatch(StrictModel):
-    labels: Labels | None = None
-    schedulable: Flag | None = None
-    draining: Flag | None = None
-    reserved_vcpus: Count | None = None
-    reserved_memory_mib: Count | None = None
-    cpu_allocation_ratio: Ratio | None = None
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_no_null_defaults)
+
+    # Each field may be omitted but not null (the validator below); SkipJsonSchema keeps null out
+    # of the published schema, which says the same.
+    labels: Labels | SkipJsonSchema[None] = None
+    schedulable: Flag | SkipJsonSchema[None] = None
+    draining: Flag | SkipJsonSchema[None] = None
+    reserved_vcpus: Count | SkipJsonSchema[None] = None
+    reserved_memory_mib: Count | SkipJsonSchema[None] = None
+    cpu_allocation_ratio: Ratio | SkipJsonSchema[None] = None
 
     @model_validator(mode="before")
     @classmethod

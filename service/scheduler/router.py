@@ -14,7 +14,12 @@ from service.vms.schemas import CapacityOut, PreviewOut, VmCreate
 router = APIRouter(tags=["scheduling"])
 
 
-@router.post("/v1/schedule/preview", response_model=PreviewOut)
+@router.post(
+    "/v1/schedule/preview",
+    response_model=PreviewOut,
+    operation_id="previewSchedule",
+    summary="Where a VM would land now, and why not elsewhere",
+)
 async def preview(body: VmCreate, request: Request, principal: Principal = Depends(current_principal)) -> PreviewOut:
     principal.require("admin", "client")
     ctx = get_context(request)
@@ -30,7 +35,9 @@ async def preview(body: VmCreate, request: Request, principal: Principal = Depen
     )
 
 
-@router.get("/v1/capacity", response_model=CapacityOut)
+@router.get(
+    "/v1/capacity", response_model=CapacityOut, operation_id="getCapacity", summary="Fleet capacity by TDX state"
+)
 async def capacity(
     request: Request,
     vcpus: int | None = Query(None, ge=1, le=4096),

@@ -8,22 +8,22 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, StrictInt, StringConstraints
 
-from service.schemas import Flag, Labels, MiB, Name, StrictModel
+from service.schemas import Flag, IntegralFloat, Labels, MiB, Name, StrictModel
 from service.vms.lifecycle import VmStatus
 
-Priority = Annotated[StrictInt, Field(ge=-1_000_000, le=1_000_000)]
+Priority = Annotated[StrictInt, Field(ge=-1_000_000, le=1_000_000), IntegralFloat]
 
 
 class VmCreate(StrictModel):
     name: Name
-    vcpus: Annotated[StrictInt, Field(ge=1, le=4096)]
+    vcpus: Annotated[StrictInt, Field(ge=1, le=4096), IntegralFloat]
     memory_mib: MiB
     tdx: Flag
     project: Name | None = None
     selector: Labels = Field(default_factory=dict)
     anti_affinity_group: Name | None = None
     priority: Priority = 0
-    schedule_timeout_s: Annotated[StrictInt, Field(ge=1, le=30 * 86400)] | None = None
+    schedule_timeout_s: Annotated[StrictInt, Field(ge=1, le=30 * 86400), IntegralFloat] | None = None
 
 
 class VmStatusReport(StrictModel):
