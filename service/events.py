@@ -32,7 +32,7 @@ from service.clock import as_utc, utcnow
 from service.context import AppContext, get_context
 from service.errors import ProblemError
 from service.models import Event
-from service.openapi import problems
+from service.openapi import problems, roles
 
 log = logging.getLogger("tdx.events")
 
@@ -221,7 +221,12 @@ def _authorize(principal: Principal) -> None:
     principal.require("admin", "reader", "client")
 
 
-@router.get("", response_model=EventPage, summary="Read events after an id (long-polls with wait)")
+@router.get(
+    "",
+    response_model=EventPage,
+    summary="Read events after an id (long-polls with wait)",
+    openapi_extra=roles("admin", "reader", "client (its project's VM events)"),
+)
 async def list_events(
     request: Request,
     after: int = Query(0, ge=0),
@@ -281,6 +286,7 @@ def _sse_frame(event: EventOut) -> bytes:
         **problems("invalid_last_event_id"),
     },
     summary="Server-Sent Events, resumable with Last-Event-ID",
+    openapi_extra=roles("admin", "reader", "client (its project's VM events)"),
 )
 async def stream_events(
     request: Request,

@@ -201,3 +201,10 @@ def publish(app: FastAPI) -> None:
 
     app.openapi = openapi  # type: ignore[method-assign]
 
+
+
+def roles(*who: str) -> dict[str, Any]:
+    """``openapi_extra=`` for a route: who may call it, e.g. ``roles("admin", "agent of the host")``.
+    Each entry starts with a role name; tests/contract/test_roles.py holds them to what the server
+    enforces, and docs/api.md lists them."""
+    return {"x-roles": list(who)}

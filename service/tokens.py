@@ -7,7 +7,7 @@ from datetime import datetime
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Request, Response
-from pydantic import BaseModel, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
@@ -16,7 +16,7 @@ from service.clock import as_utc, utcnow
 from service.context import get_context
 from service.errors import ProblemError, not_found
 from service.models import Host, Token
-from service.openapi import problems
+from service.openapi import problems, roles
 from service.pagination import Page, PageParams, encode_cursor
 from service.schemas import Name, StrictModel
 
@@ -29,6 +29,10 @@ Description = Annotated[str, StringConstraints(max_length=255)] | None
 # One body per role, told apart by `role`: the schema itself says which binding each role takes
 # (an agent token is bound to one host, a client token to one project, the others to neither).
 class AdminTokenCreate(StrictModel):
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"role": "admin", "description": "ops team"}]}
+    )
+
     role: Literal["admin"]
     host: None = None
     project: None = None
@@ -36,6 +40,10 @@ class AdminTokenCreate(StrictModel):
 
 
 class ReaderTokenCreate(StrictModel):
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"role": "reader", "description": "dashboard"}]}
+    )
+
     role: Literal["reader"]
     host: None = None
     project: None = None
@@ -43,6 +51,11 @@ class ReaderTokenCreate(StrictModel):
 
 
 class AgentTokenCreate(StrictModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"role": "agent", "host": "node-1", "description": "agent of node-1"}]},
+    )
+
     role: Literal["agent"]
     host: Name
     project: None = None
@@ -50,6 +63,10 @@ class AgentTokenCreate(StrictModel):
 
 
 class ClientTokenCreate(StrictModel):
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"role": "client", "project": "web", "description": "web"}]}
+    )
+
     role: Literal["client"]
     host: None = None
     project: Name
@@ -128,6 +145,7 @@ router = APIRouter(prefix="/v1/tokens", tags=["tokens"])
     operation_id="createToken",
     responses=problems("host_not_found"),
     summary="Create a token (the secret is shown only here)",
+    openapi_extra=roles("admin"),
 )
 async def post_token(
     body: TokenCreate, request: Request, principal: Principal = Depends(current_principal)
@@ -136,7 +154,7 @@ async def post_token(
     return await get_context(request).db.run(lambda s: create_token(s, body))
 
 
-@router.get("", response_model=Page[TokenOut], summary="List tokens (no secrets)")
+@router.get("", response_model=Page[TokenOut], summary="List tokens (no secrets)", openapi_extra=roles("admin"))
 async def list_tokens(
     request: Request, page: PageParams = Depends(), principal: Principal = Depends(current_principal)
 ) -> Page[TokenOut]:
@@ -158,7 +176,13 @@ async def list_tokens(
     return await get_context(request).db.run(_list, write=False)
 
 
-@router.delete("/{token_id}", status_code=204, responses=problems("token_not_found"), summary="Revoke a token")
+@router.delete(
+    "/{token_id}",
+    status_code=204,
+    responses=problems("token_not_found"),
+    summary="Revoke a token",
+    openapi_extra=roles("admin"),
+)
 async def revoke_token(
     token_id: uuid.UUID, request: Request, principal: Principal = Depends(current_principal)
 ) -> Response:

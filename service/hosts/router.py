@@ -23,7 +23,7 @@ from service.hosts.schemas import (
     LoadOut,
     LoadReport,
 )
-from service.openapi import problems
+from service.openapi import problems, roles
 from service.pagination import Page, PageParams
 from service.schemas import LABEL_KEY_PATTERN, LABEL_VALUE_PATTERN, Name
 
@@ -54,7 +54,12 @@ def _parse_label_filters(raw: list[str] | None) -> tuple[tuple[str, str], ...]:
 
 
 @router.post(
-    "", status_code=201, response_model=HostOut, responses=problems("host_name_taken"), summary="Register a host"
+    "",
+    status_code=201,
+    response_model=HostOut,
+    responses=problems("host_name_taken"),
+    summary="Register a host",
+    openapi_extra=roles("admin"),
 )
 async def create_host(
     body: HostCreate, request: Request, response: Response, principal: Principal = Depends(current_principal)
@@ -73,7 +78,7 @@ async def create_host(
     return host
 
 
-@router.get("", response_model=Page[HostOut], summary="List hosts")
+@router.get("", response_model=Page[HostOut], summary="List hosts", openapi_extra=roles("admin", "reader"))
 async def list_hosts(
     request: Request,
     tdx_state: TdxState | None = Query(None),
@@ -93,7 +98,13 @@ async def list_hosts(
     )
 
 
-@router.get("/{name}", response_model=HostOut, responses=problems("host_not_found"), summary="Get a host")
+@router.get(
+    "/{name}",
+    response_model=HostOut,
+    responses=problems("host_not_found"),
+    summary="Get a host",
+    openapi_extra=roles("admin", "reader", "agent of the host"),
+)
 async def get_host(
     name: Name, request: Request, response: Response, principal: Principal = Depends(current_principal)
 ) -> HostOut:
@@ -115,6 +126,7 @@ async def get_host(
     operation_id="updateHost",
     responses=problems("host_not_found", "precondition_failed"),
     summary="Change labels, cordon, drain or reservations (If-Match honoured)",
+    openapi_extra=roles("admin"),
 )
 async def patch_host(
     name: Name,
@@ -134,7 +146,11 @@ async def patch_host(
 
 
 @router.delete(
-    "/{name}", status_code=204, responses=problems("host_not_found", "host_not_empty"), summary="Delete a host"
+    "/{name}",
+    status_code=204,
+    responses=problems("host_not_found", "host_not_empty"),
+    summary="Delete a host",
+    openapi_extra=roles("admin"),
 )
 async def delete_host(name: Name, request: Request, principal: Principal = Depends(current_principal)) -> Response:
     principal.require("admin")
@@ -147,6 +163,7 @@ async def delete_host(name: Name, request: Request, principal: Principal = Depen
     response_model=HostOut,
     responses=problems("host_not_found"),
     summary="Drain a host: no new placements",
+    openapi_extra=roles("admin"),
 )
 async def drain_host(
     name: Name, request: Request, response: Response, principal: Principal = Depends(current_principal)
@@ -169,6 +186,7 @@ async def drain_host(
         **problems("host_not_found", "load_id_conflict", "load_facts_immutable", "reload_with_active_vms"),
     },
     summary="Report a kvm_intel load (the host's agent)",
+    openapi_extra=roles("admin", "agent of the host"),
 )
 async def report_load(
     name: Name,
@@ -196,6 +214,7 @@ async def report_load(
     response_model=Page[LoadOut],
     responses=problems("host_not_found"),
     summary="Load history, newest first",
+    openapi_extra=roles("admin", "reader", "agent of the host"),
 )
 async def list_loads(
     name: Name, request: Request, page: PageParams = Depends(), principal: Principal = Depends(current_principal)
@@ -216,6 +235,7 @@ async def list_loads(
     operation_id="sendHeartbeat",
     responses=problems("host_not_found", "stale_load"),
     summary="Heartbeat of the host's agent",
+    openapi_extra=roles("admin", "agent of the host"),
 )
 async def heartbeat(
     name: Name,
@@ -238,6 +258,7 @@ async def heartbeat(
     response_model=HostBatchOut,
     responses=problems("host_name_taken", "load_id_conflict"),
     summary="Register up to 1,000 hosts at once",
+    openapi_extra=roles("admin"),
 )
 async def register_hosts(
     body: HostBatch, request: Request, principal: Principal = Depends(current_principal)

@@ -16,7 +16,12 @@ from service.schemas import Count, Flag, Labels, MiB, Name, PositiveCount, Stric
 Ratio = Annotated[StrictFloat, Field(gt=0, le=64)]
 
 
+HOST_EXAMPLE: dict[str, Any] = {"name": "node-1", "vcpus": 64, "memory_mib": 262144, "labels": {"zone": "a"}}
+
+
 class HostCreate(StrictModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [HOST_EXAMPLE]})
+
     name: Name
     vcpus: PositiveCount
     memory_mib: MiB
@@ -38,6 +43,7 @@ def _no_null_defaults(schema: dict[str, Any]) -> None:
     for prop in schema.get("properties", {}).values():
         if "default" in prop and prop["default"] is None:
             del prop["default"]
+    schema["examples"] = [{"labels": {"zone": "b"}, "schedulable": False}]
 
 
 class HostPatch(StrictModel):
@@ -70,6 +76,26 @@ class LoadReport(StrictModel):
     """The facts of one kvm_intel load, read once when the agent first saw it (API.md, README
     "TDX state derivation"). ``tdx_requested`` is whether *this* load was asked for tdx=1."""
 
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "load_id": "0b0e5f0e-6f1c-4a57-9d39-2f7f4a3c1e01",
+                    "boot_id": "9e0d4b1a-5c3f-4a27-8b6e-1f2d3c4b5a69",
+                    "kernel": "6.16.0-tdx",
+                    "kvm_intel_loaded": True,
+                    "tdx_platform": True,
+                    "tdx_requested": True,
+                    "tdx_effective": True,
+                    "keyids_total": 63,
+                    "module_version": "1.5.16",
+                    "errors": [],
+                }
+            ]
+        },
+    )
+
     load_id: uuid.UUID
     boot_id: BootId
     kernel: Annotated[str, StringConstraints(min_length=1, max_length=255)]
@@ -94,6 +120,13 @@ class LoadReport(StrictModel):
 
 class Heartbeat(StrictModel):
     """A heartbeat names its load and carries observations; a field left out is not observed."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"load_id": "0b0e5f0e-6f1c-4a57-9d39-2f7f4a3c1e01", "keyids_in_use": 1, "running_vms": []}]
+        },
+    )
 
     load_id: uuid.UUID
     keyids_in_use: Count | None = None
@@ -193,6 +226,8 @@ MAX_BATCH = 1000
 
 
 class HostBatch(StrictModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"hosts": [HOST_EXAMPLE]}]})
+
     hosts: Annotated[list[HostRegistration], Field(min_length=1, max_length=MAX_BATCH)]
 
 

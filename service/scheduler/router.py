@@ -7,6 +7,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from service.auth import Principal, current_principal
 from service.context import get_context
 from service.errors import ProblemError
+from service.openapi import roles
 from service.scheduler import insight
 from service.scheduler.types import VmRequest
 from service.vms.schemas import CapacityOut, PreviewOut, VmCreate
@@ -19,6 +20,7 @@ router = APIRouter(tags=["scheduling"])
     response_model=PreviewOut,
     operation_id="previewSchedule",
     summary="Where a VM would land now, and why not elsewhere",
+    openapi_extra=roles("admin", "client"),
 )
 async def preview(body: VmCreate, request: Request, principal: Principal = Depends(current_principal)) -> PreviewOut:
     principal.require("admin", "client")
@@ -36,7 +38,11 @@ async def preview(body: VmCreate, request: Request, principal: Principal = Depen
 
 
 @router.get(
-    "/v1/capacity", response_model=CapacityOut, operation_id="getCapacity", summary="Fleet capacity by TDX state"
+    "/v1/capacity",
+    response_model=CapacityOut,
+    operation_id="getCapacity",
+    summary="Fleet capacity by TDX state",
+    openapi_extra=roles("admin", "reader", "client"),
 )
 async def capacity(
     request: Request,

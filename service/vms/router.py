@@ -13,7 +13,7 @@ from service.auth import Principal, current_principal
 from service.context import AppContext, get_context
 from service.errors import ProblemError
 from service.models import ACTIVE_VM_STATUSES
-from service.openapi import problems
+from service.openapi import problems, roles
 from service.pagination import Page, PageParams
 from service.schemas import Name
 from service.vms import service
@@ -41,6 +41,7 @@ def _cursor(page: PageParams) -> str | None:
         **problems("idempotency_key_reused"),
     },
     summary="Request a VM: placed at once, or pending with an explanation",
+    openapi_extra=roles("admin", "client (its project)"),
 )
 async def create_vm(
     body: VmCreate,
@@ -71,7 +72,12 @@ async def create_vm(
     return vm
 
 
-@router.get("/v1/vms", response_model=Page[VmOut], summary="List VMs")
+@router.get(
+    "/v1/vms",
+    response_model=Page[VmOut],
+    summary="List VMs",
+    openapi_extra=roles("admin", "reader", "client (its project's VMs only)"),
+)
 async def list_vms(
     request: Request,
     status: list[VmStatus] | None = Query(None, description="repeatable: VMs in any of these statuses"),
@@ -94,7 +100,13 @@ async def list_vms(
     )
 
 
-@router.get("/v1/vms/{vm_id}", response_model=VmOut, responses=problems("vm_not_found"), summary="Get a VM")
+@router.get(
+    "/v1/vms/{vm_id}",
+    response_model=VmOut,
+    responses=problems("vm_not_found"),
+    summary="Get a VM",
+    openapi_extra=roles("admin", "reader", "client (its project's VMs)", "agent (VMs placed on its host)"),
+)
 async def get_vm(vm_id: uuid.UUID, request: Request, principal: Principal = Depends(current_principal)) -> VmOut:
     return await get_context(request).db.run(
         lambda s: service.vm_out(service.visible_vm(s, vm_id, principal)), write=False
@@ -106,7 +118,7 @@ async def get_vm(vm_id: uuid.UUID, request: Request, principal: Principal = Depe
     status_code=202,
     response_model=VmOut,
     responses=problems("vm_not_found", "invalid_transition"),
-    summary="Delete a VM",
+    summary="Delete a VM", openapi_extra=roles("admin", "client (its project's VMs)"),
 )
 async def delete_vm(vm_id: uuid.UUID, request: Request, principal: Principal = Depends(current_principal)) -> VmOut:
     principal.require("admin", "client")
@@ -118,6 +130,7 @@ async def delete_vm(vm_id: uuid.UUID, request: Request, principal: Principal = D
     response_model=VmOut,
     responses=problems("vm_not_found", "invalid_transition"),
     summary="Report a VM's lifecycle (the agent of its host)",
+    openapi_extra=roles("admin", "agent (VMs placed on its host)"),
 )
 async def report_vm_status(
     vm_id: uuid.UUID, body: VmStatusReport, request: Request, principal: Principal = Depends(current_principal)
@@ -134,6 +147,7 @@ async def report_vm_status(
     operation_id="listHostVms",
     responses=problems("host_not_found"),
     summary="The VMs assigned to a host",
+    openapi_extra=roles("admin", "reader", "agent of the host"),
 )
 async def host_vms(
     name: Name,

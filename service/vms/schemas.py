@@ -6,7 +6,7 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, StrictInt, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints
 
 from service.schemas import Flag, IntegralFloat, Labels, MiB, Name, StrictModel
 from service.vms.lifecycle import VmStatus
@@ -15,6 +15,13 @@ Priority = Annotated[StrictInt, Field(ge=-1_000_000, le=1_000_000), IntegralFloa
 
 
 class VmCreate(StrictModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"name": "web-1", "vcpus": 2, "memory_mib": 4096, "tdx": True, "selector": {"zone": "a"}}]
+        },
+    )
+
     name: Name
     vcpus: Annotated[StrictInt, Field(ge=1, le=4096), IntegralFloat]
     memory_mib: MiB
@@ -27,6 +34,8 @@ class VmCreate(StrictModel):
 
 
 class VmStatusReport(StrictModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"status": "running"}]})
+
     status: Literal["running", "failed", "deleted"]
     detail: Annotated[str, StringConstraints(max_length=2000)] | None = None
 

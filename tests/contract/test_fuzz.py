@@ -48,7 +48,7 @@ def test_openapi_contract_holds_under_fuzzing(database_url: str, tmp_path: Path)
             "--report", "junit",
             "--report-dir", str(tmp_path),
         ]
-        result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     output = result.stdout + result.stderr
     (tmp_path / "schemathesis.txt").write_text(output)
     if result.returncode != 0:
