@@ -19,11 +19,11 @@ import threading
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, StringConstraints
 from sqlalchemy import func, insert, or_, select, text
 from sqlalchemy.orm import Session
 
@@ -33,6 +33,7 @@ from service.context import AppContext, get_context
 from service.errors import ProblemError
 from service.models import Event
 from service.openapi import problems, roles
+from service.schemas import TEXT_PATTERN
 
 log = logging.getLogger("tdx.events")
 
@@ -230,8 +231,8 @@ def _authorize(principal: Principal) -> None:
 async def list_events(
     request: Request,
     after: int = Query(0, ge=0),
-    kind: list[str] | None = Query(None, max_length=50),
-    subject: str | None = Query(None, max_length=128),
+    kind: list[Annotated[str, StringConstraints(pattern=TEXT_PATTERN)]] | None = Query(None, max_length=50),
+    subject: str | None = Query(None, max_length=128, pattern=TEXT_PATTERN),
     limit: int = Query(100, ge=1, le=500),
     wait: float = Query(0, ge=0, le=MAX_WAIT_S),
     principal: Principal = Depends(current_principal),
@@ -291,8 +292,8 @@ def _sse_frame(event: EventOut) -> bytes:
 async def stream_events(
     request: Request,
     after: int = Query(0, ge=0),
-    kind: list[str] | None = Query(None, max_length=50),
-    subject: str | None = Query(None, max_length=128),
+    kind: list[Annotated[str, StringConstraints(pattern=TEXT_PATTERN)]] | None = Query(None, max_length=50),
+    subject: str | None = Query(None, max_length=128, pattern=TEXT_PATTERN),
     last_event_id: str | None = Header(None, alias="Last-Event-ID"),
     principal: Principal = Depends(current_principal),
 ) -> StreamingResponse:

@@ -35,6 +35,10 @@ LABEL_VALUE = re.compile(LABEL_VALUE_PATTERN)
 
 Name = Annotated[StrictStr, StringConstraints(pattern=DNS_LABEL, min_length=1, max_length=63)]
 
+# Free text a person reads (descriptions, kernel log lines, details): no control characters but
+# tab, newline and carriage return. NUL in particular: PostgreSQL cannot store it in text.
+TEXT_PATTERN = r"^[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f]*$"
+
 
 def _check_labels(labels: dict[str, str]) -> dict[str, str]:
     if len(labels) > MAX_LABELS:

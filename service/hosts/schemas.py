@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StringConstraint
 from pydantic.json_schema import SkipJsonSchema
 
 from service.hosts.readiness import KernelLog, TdxState
-from service.schemas import Count, Flag, Labels, MiB, Name, PositiveCount, StrictModel
+from service.schemas import TEXT_PATTERN, Count, Flag, Labels, MiB, Name, PositiveCount, StrictModel
 
 # Strict: the string "4" is refused (an integer such as 4 is a number, and accepted).
 Ratio = Annotated[StrictFloat, Field(gt=0, le=64)]
@@ -68,8 +68,9 @@ class HostPatch(StrictModel):
         return data
 
 
+LogLine = Annotated[str, StringConstraints(max_length=2000, pattern=TEXT_PATTERN)]
 BootId = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9-]+$")]
-ModuleVersion = Annotated[str, StringConstraints(max_length=64)]
+ModuleVersion = Annotated[str, StringConstraints(max_length=64, pattern=TEXT_PATTERN)]
 
 
 class LoadReport(StrictModel):
@@ -98,14 +99,14 @@ class LoadReport(StrictModel):
 
     load_id: uuid.UUID
     boot_id: BootId
-    kernel: Annotated[str, StringConstraints(min_length=1, max_length=255)]
+    kernel: Annotated[str, StringConstraints(min_length=1, max_length=255, pattern=TEXT_PATTERN)]
     kvm_intel_loaded: Flag
     tdx_platform: Flag
     tdx_requested: Flag
     tdx_effective: Flag
     keyids_total: Count
     module_version: ModuleVersion | None = None
-    errors: Annotated[list[Annotated[str, StringConstraints(max_length=2000)]], Field(max_length=64)] = Field(
+    errors: Annotated[list[LogLine], Field(max_length=64)] = Field(
         default_factory=list
     )
     vcpus: PositiveCount | None = None

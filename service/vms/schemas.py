@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints
 
-from service.schemas import Flag, IntegralFloat, Labels, MiB, Name, StrictModel
+from service.schemas import TEXT_PATTERN, Flag, IntegralFloat, Labels, MiB, Name, StrictModel
 from service.vms.lifecycle import VmStatus
 
 Priority = Annotated[StrictInt, Field(ge=-1_000_000, le=1_000_000), IntegralFloat]
@@ -37,7 +37,7 @@ class VmStatusReport(StrictModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"status": "running"}]})
 
     status: Literal["running", "failed", "deleted"]
-    detail: Annotated[str, StringConstraints(max_length=2000)] | None = None
+    detail: Annotated[str, StringConstraints(max_length=2000, pattern=TEXT_PATTERN)] | None = None
 
 
 class VmOut(BaseModel):

@@ -200,3 +200,25 @@ def test_405_allows_every_method_of_the_path(api: Api, method: str, path: str, a
     r = api.client.request(method, path, headers=api.admin)
     assert_problem(r, 405, "method_not_allowed")
     assert r.headers["allow"] == allow
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/tokens", {"role": "reader", "description": "a\u0000b"}),
+        ("/v1/tokens", {"role": "reader", "description": "bell\u0007"}),
+        ("/v1/hosts/node-1/loads", {**load_body(), "kernel": "6.16\u0000"}),
+        ("/v1/hosts/node-1/loads", {**load_body(), "errors": ["tdx: \u0000 failed"]}),
+    ],
+    ids=["nul", "bell", "kernel-nul", "log-line-nul"],
+)
+def test_control_characters_in_text_are_refused_on_every_database(api: Api, path: str, body: dict[str, Any]) -> None:
+    api.create_host("node-1")
+    assert_problem(api.client.post(path, json=body, headers=api.admin), 422, "validation_error")
+
+
+def test_text_allows_tabs_and_newlines(api: Api) -> None:
+    r = api.client.post("/v1/tokens", json={"role": "reader", "description": "line 1\n\tline 2"}, headers=api.admin)
+    assert r.status_code == 201, r.text
+    r = api.client.get("/v1/events", params={"subject": "a\u0000"}, headers=api.admin)
+    assert_problem(r, 422, "validation_error")
