@@ -212,6 +212,10 @@ def head_id(session: Session) -> int:
     return int(session.scalar(select(func.coalesce(func.max(Event.id), 0))) or 0)
 
 
+# kind=: an event kind, a prefix ending in * ("vm.*", or "*" for all), or a comma list of them.
+_KIND = r"\s*([a-z][a-z0-9_.-]*\*?|\*)\s*"
+KindFilter = Annotated[str, StringConstraints(pattern=f"^{_KIND}(,{_KIND})*$", max_length=1000)]
+
 router = APIRouter(prefix="/v1/events", tags=["events"])
 
 MAX_WAIT_S = 30.0
@@ -231,7 +235,7 @@ def _authorize(principal: Principal) -> None:
 async def list_events(
     request: Request,
     after: int = Query(0, ge=0),
-    kind: list[Annotated[str, StringConstraints(pattern=TEXT_PATTERN)]] | None = Query(None, max_length=50),
+    kind: list[KindFilter] | None = Query(None, max_length=50),
     subject: str | None = Query(None, max_length=128, pattern=TEXT_PATTERN),
     limit: int = Query(100, ge=1, le=500),
     wait: float = Query(0, ge=0, le=MAX_WAIT_S),
@@ -292,7 +296,7 @@ def _sse_frame(event: EventOut) -> bytes:
 async def stream_events(
     request: Request,
     after: int = Query(0, ge=0),
-    kind: list[Annotated[str, StringConstraints(pattern=TEXT_PATTERN)]] | None = Query(None, max_length=50),
+    kind: list[KindFilter] | None = Query(None, max_length=50),
     subject: str | None = Query(None, max_length=128, pattern=TEXT_PATTERN),
     last_event_id: str | None = Header(None, alias="Last-Event-ID"),
     principal: Principal = Depends(current_principal),

@@ -181,6 +181,7 @@ def build_spec(app: FastAPI) -> dict[str, Any]:
             "(the first admin token from TDX_ADMIN_TOKEN or the first start)",
         }
     }
+    spec["x-problem-codes"] = {code: [list(statuses), when] for code, (statuses, when) in PROBLEM_CODES.items()}
     for path, item in spec.get("paths", {}).items():
         for method, operation in item.items():
             if method not in {"get", "put", "post", "delete", "patch", "head", "options", "trace"}:

@@ -23,7 +23,7 @@ from tests.helpers import live_server
 HERE = Path(__file__).parent
 ROOT = HERE.parent.parent
 SEED = 20261129
-MAX_EXAMPLES = int(os.environ.get("TDX_FUZZ_MAX_EXAMPLES", "25"))
+MAX_EXAMPLES = int(os.environ.get("TDX_FUZZ_MAX_EXAMPLES", "100"))
 SCHEMATHESIS = Path(sys.executable).with_name("schemathesis")
 
 
