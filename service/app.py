@@ -11,6 +11,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import PlainTextResponse
 from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
 from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
@@ -43,6 +44,10 @@ from service.vms.service import PlacementSettings
 from service.whoami import router as whoami_router
 
 log = logging.getLogger("tdx.app")
+
+
+class Status(BaseModel):
+    status: str
 
 
 def build_context(settings: Settings, db: Database | None = None) -> AppContext:
@@ -149,24 +154,24 @@ def create_app(settings: Settings | None = None, db: Database | None = None) -> 
     app.include_router(dashboard_router)
     app.include_router(whoami_router)
 
-    @app.get("/healthz", tags=["operations"], summary="The process is up")
-    async def healthz() -> dict[str, str]:
-        return {"status": "ok"}
+    @app.get("/healthz", tags=["operations"], response_model=Status, summary="The process is up")
+    async def healthz() -> Status:
+        return Status(status="ok")
 
     @app.get(
         "/readyz",
         tags=["operations"],
-        response_model=dict[str, str],
+        response_model=Status,
         responses=problems("database_unavailable"),
         summary="The database is reachable",
     )
-    async def readyz(request: Request) -> dict[str, str] | Response:
+    async def readyz(request: Request) -> Status | Response:
         try:
             await get_context(request).db.run(lambda s: s.connection().exec_driver_sql("SELECT 1"), write=False)
         except Exception as exc:
             log.warning("readiness check failed: %s", exc)
             return problem_response(503, "database_unavailable", "the database is not reachable")
-        return {"status": "ready"}
+        return Status(status="ready")
 
     @app.get(
         "/metrics",

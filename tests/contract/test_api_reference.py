@@ -42,5 +42,5 @@ def test_readme_and_docs_name_only_files_that_exist() -> None:
     for doc in [ROOT / "README.md", *(ROOT / "docs").glob("*.md")]:
         text = doc.read_text()
         assert not re.search(r"(?<![\w/])(API|DESIGN)\.md", text), f"{doc.name} names a file not in the repository"
-        for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", text):
+        for target in re.findall(r"\]\(([\w./-]+)(?:#[^)]*)?\)", text):
             assert (doc.parent / target).exists(), f"{doc.name} links to {target}, which does not exist"
