@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import re
 import threading
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -219,6 +220,15 @@ KindFilter = Annotated[str, StringConstraints(pattern=f"^{_KIND}(,{_KIND})*$", m
 router = APIRouter(prefix="/v1/events", tags=["events"])
 
 MAX_WAIT_S = 30.0
+MAX_EVENT_ID = 2**63 - 1  # the id column is a signed 64-bit integer
+_EVENT_ID = re.compile(r"\s*([0-9]{1,19})\s*")
+
+
+def _parse_last_event_id(value: str) -> int:
+    match = _EVENT_ID.fullmatch(value)  # ASCII digits only: "²".isdigit() is true, int("²") fails
+    if match is None or int(match.group(1)) > MAX_EVENT_ID:
+        raise ProblemError(400, "invalid_last_event_id", "Last-Event-ID must be an event id")
+    return int(match.group(1))
 SSE_KEEPALIVE_S = 15.0
 
 
@@ -234,7 +244,7 @@ def _authorize(principal: Principal) -> None:
 )
 async def list_events(
     request: Request,
-    after: int = Query(0, ge=0),
+    after: int = Query(0, ge=0, le=MAX_EVENT_ID),
     kind: list[KindFilter] | None = Query(None, max_length=50),
     subject: str | None = Query(None, max_length=128, pattern=TEXT_PATTERN),
     limit: int = Query(100, ge=1, le=500),
@@ -295,7 +305,7 @@ def _sse_frame(event: EventOut) -> bytes:
 )
 async def stream_events(
     request: Request,
-    after: int = Query(0, ge=0),
+    after: int = Query(0, ge=0, le=MAX_EVENT_ID),
     kind: list[KindFilter] | None = Query(None, max_length=50),
     subject: str | None = Query(None, max_length=128, pattern=TEXT_PATTERN),
     last_event_id: str | None = Header(None, alias="Last-Event-ID"),
@@ -303,9 +313,7 @@ async def stream_events(
 ) -> StreamingResponse:
     _authorize(principal)
     if last_event_id is not None:
-        if not last_event_id.strip().isdigit():
-            raise ProblemError(400, "invalid_last_event_id", "Last-Event-ID must be an event id")
-        after = int(last_event_id.strip())
+        after = _parse_last_event_id(last_event_id)
     ctx = get_context(request)
     flt = EventFilter.parse(kind, subject, principal)
 

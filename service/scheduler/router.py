@@ -47,7 +47,7 @@ async def preview(body: VmCreate, request: Request, principal: Principal = Depen
 async def capacity(
     request: Request,
     vcpus: int | None = Query(None, ge=1, le=4096),
-    memory_mib: int | None = Query(None, ge=1),
+    memory_mib: int | None = Query(None, ge=1, le=2**50),
     tdx: bool = Query(False),
     principal: Principal = Depends(current_principal),
 ) -> CapacityOut:

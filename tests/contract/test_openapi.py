@@ -222,3 +222,22 @@ def test_text_allows_tabs_and_newlines(api: Api) -> None:
     assert r.status_code == 201, r.text
     r = api.client.get("/v1/events", params={"subject": "a\u0000"}, headers=api.admin)
     assert_problem(r, 422, "validation_error")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "/v1/events?after=9223372036854775808",
+        "/v1/events/stream?after=9223372036854775808",
+        "/v1/capacity?vcpus=1&memory_mib=99999999999999999999",
+    ],
+)
+def test_integers_beyond_their_declared_range_are_422(api: Api, url: str) -> None:
+    """Found by schemathesis: the stream was cut mid-response, the others answered 500."""
+    assert_problem(api.client.get(url, headers=api.admin), 422, "validation_error")
+
+
+@pytest.mark.parametrize("value", ["²", "9" * 5000, "9223372036854775808", "-1", ""])
+def test_last_event_id_that_is_no_event_id_is_400(api: Api, value: str) -> None:
+    r = api.client.get("/v1/events/stream", headers={**api.admin, "Last-Event-ID": value.encode()})
+    assert_problem(r, 400, "invalid_last_event_id")
