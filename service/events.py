@@ -24,7 +24,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, StringConstraints
+from pydantic import BaseModel, Field, StringConstraints
 from sqlalchemy import func, insert, or_, select, text
 from sqlalchemy.orm import Session
 
@@ -167,7 +167,12 @@ class PostgresListener:
 class EventOut(BaseModel):
     id: int
     at: datetime
-    kind: str
+    kind: str = Field(
+        description="host.created, host.updated, host.load_reported, host.tdx_state_changed, host.stale, "
+        "host.alive, host.rebooted, host.cordoned, host.uncordoned, host.draining, host.undrained, "
+        "host.deleted, vm.created, vm.scheduled, vm.unschedulable, vm.running, vm.deleting, vm.deleted, "
+        "vm.failed, vm.lost (and kinds added later: a client ignores kinds it does not know)"
+    )
     subject: str
     data: dict[str, Any]
 

@@ -140,7 +140,11 @@ class Heartbeat(StrictModel):
 
 
 class TdxOut(BaseModel):
-    state: TdxState
+    state: TdxState = Field(
+        description="unknown until the first load report; unsupported: no TDX on the platform or kernel; "
+        "disabled: kvm_intel loaded without tdx=1 (not opted in); failed: tdx=1 asked for and bring-up "
+        "failed, or no KeyIDs (see reason); ready: the only state that receives TDX VMs"
+    )
     reason: str | None
     reason_code: str | None
     remedy: str | None

@@ -8,8 +8,11 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints
 
+from service.scheduler.filters import REASON_CODES
 from service.schemas import TEXT_PATTERN, Flag, IntegralFloat, Labels, MiB, Name, StrictModel
 from service.vms.lifecycle import VmStatus
+
+REASONS_DESCRIPTION = "hosts that could not take the VM, counted per stable reason code: " + ", ".join(REASON_CODES)
 
 Priority = Annotated[StrictInt, Field(ge=-1_000_000, le=1_000_000), IntegralFloat]
 
@@ -54,7 +57,7 @@ class VmOut(BaseModel):
     status_detail: str | None
     host: str | None
     explanation: str | None
-    reasons: dict[str, int]
+    reasons: dict[str, int] = Field(description=REASONS_DESCRIPTION)
     deadline: datetime
     generation: int
     created_at: datetime
@@ -69,7 +72,7 @@ class CandidateOut(BaseModel):
 class PreviewOut(BaseModel):
     host: str | None
     explanation: str
-    reasons: dict[str, int]
+    reasons: dict[str, int] = Field(description=REASONS_DESCRIPTION)
     candidates: list[CandidateOut]
     hosts_considered: int
     hosts_fit: int
