@@ -66,11 +66,11 @@ def type_of(schema: dict[str, Any]) -> str:
         return f"[{name}](#{anchor(name)})"
     for key in ("oneOf", "anyOf"):
         if key in schema:
-            return " \\| ".join(type_of(s) for s in schema[key])
+            return " | ".join(type_of(s) for s in schema[key])
     if "const" in schema:
         return f"`{json.dumps(schema['const'])}`"
     if "enum" in schema:
-        return " \\| ".join(f"`{v}`" for v in schema["enum"])
+        return " | ".join(f"`{v}`" for v in schema["enum"])
     kind = schema.get("type")
     if kind == "array":
         return f"[{type_of(schema.get('items', {}))}]"
@@ -78,10 +78,15 @@ def type_of(schema: dict[str, Any]) -> str:
         extra = schema.get("additionalProperties")
         return f"{{string: {type_of(extra)}}}" if isinstance(extra, dict) else "object"
     if isinstance(kind, list):
-        return " \\| ".join(str(k) for k in kind)
+        return " | ".join(str(k) for k in kind)
     if kind is None:
         return "any"
     return f"{kind} ({schema['format']})" if "format" in schema else str(kind)
+
+
+def num(value: Any) -> str:
+    """The OpenAPI models write bounds as floats (0.0); JSON Schema reads 0.0 as 0."""
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
 
 
 def constraints(schema: dict[str, Any]) -> str:
@@ -91,9 +96,9 @@ def constraints(schema: dict[str, Any]) -> str:
             if c := constraints(sub):
                 parts.append(c)
     if "minimum" in schema or "maximum" in schema:
-        parts.append(f"{schema.get('minimum', '')}..{schema.get('maximum', '')}")
+        parts.append(f"{num(schema.get('minimum', ''))}..{num(schema.get('maximum', ''))}")
     if "exclusiveMinimum" in schema:
-        parts.append(f"> {schema['exclusiveMinimum']}")
+        parts.append(f"> {num(schema['exclusiveMinimum'])}")
     if "minLength" in schema or "maxLength" in schema:
         parts.append(f"length {schema.get('minLength', 0)}..{schema.get('maxLength', '')}")
     if "maxItems" in schema:
