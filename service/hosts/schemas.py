@@ -74,8 +74,8 @@ ModuleVersion = Annotated[str, StringConstraints(max_length=64, pattern=TEXT_PAT
 
 
 class LoadReport(StrictModel):
-    """The facts of one kvm_intel load, read once when the agent first saw it (API.md, README
-    "TDX state derivation"). ``tdx_requested`` is whether *this* load was asked for tdx=1."""
+    """The facts of one kvm_intel load, read once when the agent first saw it (README, "TDX state
+    derivation"). ``tdx_requested`` is whether *this* load was asked for tdx=1."""
 
     model_config = ConfigDict(
         extra="forbid",
