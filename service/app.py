@@ -30,9 +30,9 @@ from service.hosts.router import router as hosts_router
 from service.metrics import Metrics
 from service.middleware import BodyLimitMiddleware, RequestLogMiddleware
 from service.models import Host, Vm
+from service.openapi import operation_id, problems, publish
 from service.projects.router import router as projects_router
 from service.ratelimit import RateLimiter
-from service.openapi import operation_id, problems, publish
 from service.routing import install_method_not_allowed
 from service.scheduler import queue
 from service.scheduler.engine import SchedulerConfig

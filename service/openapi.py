@@ -47,10 +47,13 @@ PROBLEM_CODES: dict[str, tuple[tuple[int, ...], str]] = {
         (409, 422),
         "the `Idempotency-Key` was used with another body (422), or its VM no longer exists (409)",
     ),
+    "quota_exceeded": ((403,), "the VM would take its project over a quota (`resource`, `limit`, `usage`, `request`)"),
     "precondition_failed": ((412,), "`If-Match` names no current version of the resource"),
     "payload_too_large": ((413,), "the request body is over the limit (1 MiB)"),
     "validation_error": ((422,), "the request does not match the schema or a rule; `errors` says where"),
+    "rate_limited": ((429,), "too many requests of this kind from this token; retry after `Retry-After` seconds"),
     "database_unavailable": ((503,), "the database cannot be reached now; retry (see `Retry-After`)"),
+    "quota_contended": ((503,), "the project's quota changed too fast to claim; retry"),
 }
 
 PROBLEM_SCHEMA: dict[str, Any] = {
@@ -91,6 +94,7 @@ VALIDATION_PROBLEM_SCHEMA: dict[str, Any] = {
 _HEADERS: dict[int, dict[str, Any]] = {
     401: {"WWW-Authenticate": {"description": "`Bearer`", "schema": {"type": "string"}}},
     405: {"Allow": {"description": "every method of this path", "schema": {"type": "string"}}},
+    429: {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "string"}}},
     503: {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "string"}}},
 }
 

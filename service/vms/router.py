@@ -38,7 +38,7 @@ def _cursor(page: PageParams) -> str | None:
     response_model=VmOut,
     responses={
         200: {"model": VmOut, "description": "a replay: the VM created earlier with this Idempotency-Key and body"},
-        **problems("idempotency_key_reused"),
+        **problems("idempotency_key_reused", "quota_exceeded", "rate_limited", "quota_contended"),
     },
     summary="Request a VM: placed at once, or pending with an explanation",
     openapi_extra=roles("admin", "client (its project)"),

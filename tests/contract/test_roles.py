@@ -63,7 +63,8 @@ def _example(schema: dict[str, Any]) -> Any:
 
 def _call(api: Api, method: str, path: str, world: World, headers: dict[str, str]) -> httpx.Response:
     op = SPEC["paths"][path][method]
-    url = path.replace("{name}", "node-1").replace("{vm_id}", world.vm_id).replace("{token_id}", world.token_id)
+    values = {"name": "node-1", "vm_id": world.vm_id, "token_id": world.token_id, "project": "web"}
+    url = path.format(**values)  # a new path parameter needs a value here (KeyError names it)
     body = op.get("requestBody")
     json = _example(body["content"]["application/json"]["schema"]) if body else None
     return api.client.request(method.upper(), url, json=json, headers=headers)
