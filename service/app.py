@@ -8,7 +8,10 @@ import logging
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request, Response
+from fastapi.responses import PlainTextResponse
+from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
 from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
@@ -27,8 +30,10 @@ from service.hosts.router import router as hosts_router
 from service.metrics import Metrics
 from service.middleware import BodyLimitMiddleware, RequestLogMiddleware
 from service.models import Host, Vm
+from service.openapi import operation_id, problems, publish
 from service.projects.router import router as projects_router
 from service.ratelimit import RateLimiter
+from service.routing import install_method_not_allowed
 from service.scheduler import queue
 from service.scheduler.engine import SchedulerConfig
 from service.scheduler.router import router as scheduling_router
@@ -39,6 +44,10 @@ from service.vms.service import PlacementSettings
 from service.whoami import router as whoami_router
 
 log = logging.getLogger("tdx.app")
+
+
+class Status(BaseModel):
+    status: str
 
 
 def build_context(settings: Settings, db: Database | None = None) -> AppContext:
@@ -119,7 +128,9 @@ def create_app(settings: Settings | None = None, db: Database | None = None) -> 
             if listener is not None:
                 listener.stop()
 
-    app = FastAPI(
+    # /docs and /redoc from assets the fastapi-offline package ships (no CDN: they work offline);
+    # no validator badge (it would send the spec's URL to validator.swagger.io).
+    app = FastAPIOffline(
         title="tdx-control-plane",
         version=__version__,
         description=(
@@ -127,9 +138,12 @@ def create_app(settings: Settings | None = None, db: Database | None = None) -> 
             "kvm_intel was loaded (kvm_intel.tdx=1), as reported by each host's agent."
         ),
         lifespan=lifespan,
+        generate_unique_id_function=operation_id,
+        swagger_ui_parameters={"persistAuthorization": True, "validatorUrl": None},
     )
     app.state.ctx = ctx
     install_error_handlers(app)
+    install_method_not_allowed(app)
     app.include_router(tokens_router)
     app.include_router(hosts_batch_router)
     app.include_router(hosts_router)
@@ -140,25 +154,41 @@ def create_app(settings: Settings | None = None, db: Database | None = None) -> 
     app.include_router(dashboard_router)
     app.include_router(whoami_router)
 
-    @app.get("/healthz", tags=["operations"])
-    async def healthz() -> dict[str, str]:
-        return {"status": "ok"}
+    @app.get("/healthz", tags=["operations"], response_model=Status, summary="The process is up")
+    async def healthz() -> Status:
+        return Status(status="ok")
 
-    @app.get("/readyz", tags=["operations"], response_model=None)
-    async def readyz(request: Request) -> dict[str, str] | Response:
+    @app.get(
+        "/readyz",
+        tags=["operations"],
+        response_model=Status,
+        responses=problems("database_unavailable"),
+        summary="The database is reachable",
+    )
+    async def readyz(request: Request) -> Status | Response:
         try:
             await get_context(request).db.run(lambda s: s.connection().exec_driver_sql("SELECT 1"), write=False)
         except Exception as exc:
             log.warning("readiness check failed: %s", exc)
             return problem_response(503, "database_unavailable", "the database is not reachable")
-        return {"status": "ready"}
+        return Status(status="ready")
 
-    @app.get("/metrics", tags=["operations"])
+    @app.get(
+        "/metrics",
+        tags=["operations"],
+        response_class=PlainTextResponse,
+        responses={
+            200: {"content": {"text/plain": {"schema": {"type": "string"}}}},
+            **problems("database_unavailable"),
+        },
+        summary="Prometheus metrics (text exposition format)",
+    )
     async def metrics(request: Request) -> Response:
         c = get_context(request)
         await c.db.run(lambda s: _update_gauges(c, s), write=False)
         return Response(generate_latest(c.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    publish(app)
     app.add_middleware(BodyLimitMiddleware)
     app.add_middleware(RequestLogMiddleware, metrics=ctx.metrics, enabled=settings.log_requests)
     return app

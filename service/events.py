@@ -15,15 +15,16 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import re
 import threading
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, Field, StringConstraints
 from sqlalchemy import func, insert, or_, select, text
 from sqlalchemy.orm import Session
 
@@ -32,6 +33,8 @@ from service.clock import as_utc, utcnow
 from service.context import AppContext, get_context
 from service.errors import ProblemError
 from service.models import Event
+from service.openapi import problems, roles
+from service.schemas import TEXT_PATTERN
 
 log = logging.getLogger("tdx.events")
 
@@ -164,7 +167,12 @@ class PostgresListener:
 class EventOut(BaseModel):
     id: int
     at: datetime
-    kind: str
+    kind: str = Field(
+        description="host.created, host.updated, host.load_reported, host.tdx_state_changed, host.stale, "
+        "host.alive, host.rebooted, host.cordoned, host.uncordoned, host.draining, host.undrained, "
+        "host.deleted, vm.created, vm.scheduled, vm.unschedulable, vm.running, vm.deleting, vm.deleted, "
+        "vm.failed, vm.lost (and kinds added later: a client ignores kinds it does not know)"
+    )
     subject: str
     data: dict[str, Any]
 
@@ -210,9 +218,22 @@ def head_id(session: Session) -> int:
     return int(session.scalar(select(func.coalesce(func.max(Event.id), 0))) or 0)
 
 
+# kind=: an event kind, a prefix ending in * ("vm.*", or "*" for all), or a comma list of them.
+_KIND = r"\s*([a-z][a-z0-9_.-]*\*?|\*)\s*"
+KindFilter = Annotated[str, StringConstraints(pattern=f"^{_KIND}(,{_KIND})*$", max_length=1000)]
+
 router = APIRouter(prefix="/v1/events", tags=["events"])
 
 MAX_WAIT_S = 30.0
+MAX_EVENT_ID = 2**63 - 1  # the id column is a signed 64-bit integer
+_EVENT_ID = re.compile(r"\s*([0-9]{1,19})\s*")
+
+
+def _parse_last_event_id(value: str) -> int:
+    match = _EVENT_ID.fullmatch(value)  # ASCII digits only: "²".isdigit() is true, int("²") fails
+    if match is None or int(match.group(1)) > MAX_EVENT_ID:
+        raise ProblemError(400, "invalid_last_event_id", "Last-Event-ID must be an event id")
+    return int(match.group(1))
 SSE_KEEPALIVE_S = 15.0
 
 
@@ -220,12 +241,17 @@ def _authorize(principal: Principal) -> None:
     principal.require("admin", "reader", "client")
 
 
-@router.get("", response_model=EventPage)
+@router.get(
+    "",
+    response_model=EventPage,
+    summary="Read events after an id (long-polls with wait)",
+    openapi_extra=roles("admin", "reader", "client (its project's VM events)"),
+)
 async def list_events(
     request: Request,
-    after: int = Query(0, ge=0),
-    kind: list[str] | None = Query(None, max_length=50),
-    subject: str | None = Query(None, max_length=128),
+    after: int = Query(0, ge=0, le=MAX_EVENT_ID),
+    kind: list[KindFilter] | None = Query(None, max_length=50),
+    subject: str | None = Query(None, max_length=128, pattern=TEXT_PATTERN),
     limit: int = Query(100, ge=1, le=500),
     wait: float = Query(0, ge=0, le=MAX_WAIT_S),
     principal: Principal = Depends(current_principal),
@@ -248,25 +274,51 @@ async def list_events(
         await ctx.events_signal.wait(seen, remaining)
 
 
+SSE_DESCRIPTION = (
+    "Server-Sent Events: each event's `id` is the event id, `event` its kind, `data` the event as JSON "
+    "(as in `GET /v1/events`); a comment line every 15 s keeps the connection open"
+)
+SSE_EVENT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "string", "pattern": "^[0-9]+$"},
+        "event": {"type": "string"},
+        "data": {
+            "type": "string",
+            "contentMediaType": "application/json",
+            "contentSchema": {"$ref": "#/components/schemas/EventOut"},
+        },
+    },
+    "required": ["id", "event", "data"],
+}
+
+
 def _sse_frame(event: EventOut) -> bytes:
     payload = event.model_dump_json()
     return f"id: {event.id}\nevent: {event.kind}\ndata: {payload}\n\n".encode()
 
 
-@router.get("/stream")
+@router.get(
+    "/stream",
+    response_class=StreamingResponse,
+    responses={
+        200: {"content": {"text/event-stream": {"schema": SSE_EVENT_SCHEMA}}, "description": SSE_DESCRIPTION},
+        **problems("invalid_last_event_id"),
+    },
+    summary="Server-Sent Events, resumable with Last-Event-ID",
+    openapi_extra=roles("admin", "reader", "client (its project's VM events)"),
+)
 async def stream_events(
     request: Request,
-    after: int = Query(0, ge=0),
-    kind: list[str] | None = Query(None, max_length=50),
-    subject: str | None = Query(None, max_length=128),
+    after: int = Query(0, ge=0, le=MAX_EVENT_ID),
+    kind: list[KindFilter] | None = Query(None, max_length=50),
+    subject: str | None = Query(None, max_length=128, pattern=TEXT_PATTERN),
     last_event_id: str | None = Header(None, alias="Last-Event-ID"),
     principal: Principal = Depends(current_principal),
 ) -> StreamingResponse:
     _authorize(principal)
     if last_event_id is not None:
-        if not last_event_id.strip().isdigit():
-            raise ProblemError(400, "invalid_last_event_id", "Last-Event-ID must be an event id")
-        after = int(last_event_id.strip())
+        after = _parse_last_event_id(last_event_id)
     ctx = get_context(request)
     flt = EventFilter.parse(kind, subject, principal)
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Request, Response
-from pydantic import BaseModel, StringConstraints, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
@@ -16,29 +16,66 @@ from service.clock import as_utc, utcnow
 from service.context import get_context
 from service.errors import ProblemError, not_found
 from service.models import Host, Token
+from service.openapi import problems, roles
 from service.pagination import Page, PageParams, encode_cursor
-from service.schemas import Name, StrictModel
+from service.schemas import TEXT_PATTERN, Name, StrictModel
 
 BOOTSTRAP_ADMIN_LOCK = 0x7464_7861_646D  # "tdxadm": serializes first-start admin minting on PostgreSQL
 
 
-class TokenCreate(StrictModel):
-    role: Role
-    host: Name | None = None
-    project: Name | None = None
-    description: Annotated[str, StringConstraints(max_length=255)] | None = None
+Description = Annotated[str, StringConstraints(max_length=255, pattern=TEXT_PATTERN)] | None
 
-    @model_validator(mode="after")
-    def _binding_matches_role(self) -> TokenCreate:
-        if self.role == "agent" and self.host is None:
-            raise ValueError("an agent token is bound to one host: give host")
-        if self.role == "client" and self.project is None:
-            raise ValueError("a client token is bound to one project: give project")
-        if self.role != "agent" and self.host is not None:
-            raise ValueError("only agent tokens are bound to a host")
-        if self.role != "client" and self.project is not None:
-            raise ValueError("only client tokens are bound to a project")
-        return self
+
+# One body per role, told apart by `role`: the schema itself says which binding each role takes
+# (an agent token is bound to one host, a client token to one project, the others to neither).
+class AdminTokenCreate(StrictModel):
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"role": "admin", "description": "ops team"}]}
+    )
+
+    role: Literal["admin"]
+    host: None = None
+    project: None = None
+    description: Description = None
+
+
+class ReaderTokenCreate(StrictModel):
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"role": "reader", "description": "dashboard"}]}
+    )
+
+    role: Literal["reader"]
+    host: None = None
+    project: None = None
+    description: Description = None
+
+
+class AgentTokenCreate(StrictModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"role": "agent", "host": "node-1", "description": "agent of node-1"}]},
+    )
+
+    role: Literal["agent"]
+    host: Name
+    project: None = None
+    description: Description = None
+
+
+class ClientTokenCreate(StrictModel):
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"role": "client", "project": "web", "description": "web"}]}
+    )
+
+    role: Literal["client"]
+    host: None = None
+    project: Name
+    description: Description = None
+
+
+TokenCreate = Annotated[
+    AdminTokenCreate | ReaderTokenCreate | AgentTokenCreate | ClientTokenCreate, Field(discriminator="role")
+]
 
 
 class TokenOut(BaseModel):
@@ -101,7 +138,15 @@ def ensure_bootstrap_admin(session: Session) -> str | None:
 router = APIRouter(prefix="/v1/tokens", tags=["tokens"])
 
 
-@router.post("", status_code=201, response_model=TokenCreated)
+@router.post(
+    "",
+    status_code=201,
+    response_model=TokenCreated,
+    operation_id="createToken",
+    responses=problems("host_not_found"),
+    summary="Create a token (the secret is shown only here)",
+    openapi_extra=roles("admin"),
+)
 async def post_token(
     body: TokenCreate, request: Request, principal: Principal = Depends(current_principal)
 ) -> TokenCreated:
@@ -109,7 +154,7 @@ async def post_token(
     return await get_context(request).db.run(lambda s: create_token(s, body))
 
 
-@router.get("", response_model=Page[TokenOut])
+@router.get("", response_model=Page[TokenOut], summary="List tokens (no secrets)", openapi_extra=roles("admin"))
 async def list_tokens(
     request: Request, page: PageParams = Depends(), principal: Principal = Depends(current_principal)
 ) -> Page[TokenOut]:
@@ -131,7 +176,13 @@ async def list_tokens(
     return await get_context(request).db.run(_list, write=False)
 
 
-@router.delete("/{token_id}", status_code=204)
+@router.delete(
+    "/{token_id}",
+    status_code=204,
+    responses=problems("token_not_found"),
+    summary="Revoke a token",
+    openapi_extra=roles("admin"),
+)
 async def revoke_token(
     token_id: uuid.UUID, request: Request, principal: Principal = Depends(current_principal)
 ) -> Response:

@@ -7,6 +7,7 @@ from fastapi import APIRouter, Depends
 from pydantic import BaseModel
 
 from service.auth import Principal, Role, current_principal
+from service.openapi import roles
 
 router = APIRouter(tags=["tokens"])
 
@@ -18,6 +19,11 @@ class WhoAmI(BaseModel):
     project: str | None  # a client token's project
 
 
-@router.get("/v1/whoami", response_model=WhoAmI)
+@router.get(
+    "/v1/whoami",
+    response_model=WhoAmI,
+    summary="The caller's role and binding",
+    openapi_extra=roles("admin", "reader", "agent", "client"),
+)
 async def whoami(principal: Principal = Depends(current_principal)) -> WhoAmI:
     return WhoAmI(role=principal.role, token_id=principal.token_id, host=principal.host, project=principal.project)

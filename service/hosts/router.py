@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from pydantic import StringConstraints
 from sqlalchemy.orm import Session
 
 from service.auth import Principal, current_principal
@@ -20,8 +23,14 @@ from service.hosts.schemas import (
     LoadOut,
     LoadReport,
 )
+from service.openapi import problems, roles
 from service.pagination import Page, PageParams
-from service.schemas import Name
+from service.schemas import LABEL_KEY_PATTERN, LABEL_VALUE_PATTERN, Name
+
+# label=key=value, both parts as in a host's labels (hosts without the label do not match).
+LabelFilter = Annotated[
+    str, StringConstraints(pattern=f"{LABEL_KEY_PATTERN[:-1]}={LABEL_VALUE_PATTERN[1:]}", max_length=317)
+]
 
 router = APIRouter(prefix="/v1/hosts", tags=["hosts"])
 batch_router = APIRouter(tags=["hosts"])
@@ -44,7 +53,14 @@ def _parse_label_filters(raw: list[str] | None) -> tuple[tuple[str, str], ...]:
     return tuple(pairs)
 
 
-@router.post("", status_code=201, response_model=HostOut)
+@router.post(
+    "",
+    status_code=201,
+    response_model=HostOut,
+    responses=problems("host_name_taken"),
+    summary="Register a host",
+    openapi_extra=roles("admin"),
+)
 async def create_host(
     body: HostCreate, request: Request, response: Response, principal: Principal = Depends(current_principal)
 ) -> HostOut:
@@ -62,12 +78,12 @@ async def create_host(
     return host
 
 
-@router.get("", response_model=Page[HostOut])
+@router.get("", response_model=Page[HostOut], summary="List hosts", openapi_extra=roles("admin", "reader"))
 async def list_hosts(
     request: Request,
     tdx_state: TdxState | None = Query(None),
     schedulable: bool | None = Query(None),
-    label: list[str] | None = Query(None, max_length=20),
+    label: list[LabelFilter] | None = Query(None, max_length=20),
     page: PageParams = Depends(),
     principal: Principal = Depends(current_principal),
 ) -> Page[HostOut]:
@@ -82,7 +98,13 @@ async def list_hosts(
     )
 
 
-@router.get("/{name}", response_model=HostOut)
+@router.get(
+    "/{name}",
+    response_model=HostOut,
+    responses=problems("host_not_found"),
+    summary="Get a host",
+    openapi_extra=roles("admin", "reader", "agent of the host"),
+)
 async def get_host(
     name: Name, request: Request, response: Response, principal: Principal = Depends(current_principal)
 ) -> HostOut:
@@ -98,7 +120,14 @@ async def get_host(
     return host
 
 
-@router.patch("/{name}", response_model=HostOut)
+@router.patch(
+    "/{name}",
+    response_model=HostOut,
+    operation_id="updateHost",
+    responses=problems("host_not_found", "precondition_failed"),
+    summary="Change labels, cordon, drain or reservations (If-Match honoured)",
+    openapi_extra=roles("admin"),
+)
 async def patch_host(
     name: Name,
     body: HostPatch,
@@ -116,14 +145,26 @@ async def patch_host(
     return host
 
 
-@router.delete("/{name}", status_code=204)
+@router.delete(
+    "/{name}",
+    status_code=204,
+    responses=problems("host_not_found", "host_not_empty"),
+    summary="Delete a host",
+    openapi_extra=roles("admin"),
+)
 async def delete_host(name: Name, request: Request, principal: Principal = Depends(current_principal)) -> Response:
     principal.require("admin")
     await get_context(request).db.run(lambda s: service.delete_host(s, name))
     return Response(status_code=204)
 
 
-@router.post("/{name}/drain", response_model=HostOut)
+@router.post(
+    "/{name}/drain",
+    response_model=HostOut,
+    responses=problems("host_not_found"),
+    summary="Drain a host: no new placements",
+    openapi_extra=roles("admin"),
+)
 async def drain_host(
     name: Name, request: Request, response: Response, principal: Principal = Depends(current_principal)
 ) -> HostOut:
@@ -136,7 +177,17 @@ async def drain_host(
     return host
 
 
-@router.post("/{name}/loads", status_code=201, response_model=HostOut)
+@router.post(
+    "/{name}/loads",
+    status_code=201,
+    response_model=HostOut,
+    responses={
+        200: {"model": HostOut, "description": "a replay: this load was recorded already with the same facts"},
+        **problems("host_not_found", "load_id_conflict", "load_facts_immutable", "reload_with_active_vms"),
+    },
+    summary="Report a kvm_intel load (the host's agent)",
+    openapi_extra=roles("admin", "agent of the host"),
+)
 async def report_load(
     name: Name,
     body: LoadReport,
@@ -158,7 +209,13 @@ async def report_load(
     return host
 
 
-@router.get("/{name}/loads", response_model=Page[LoadOut])
+@router.get(
+    "/{name}/loads",
+    response_model=Page[LoadOut],
+    responses=problems("host_not_found"),
+    summary="Load history, newest first",
+    openapi_extra=roles("admin", "reader", "agent of the host"),
+)
 async def list_loads(
     name: Name, request: Request, page: PageParams = Depends(), principal: Principal = Depends(current_principal)
 ) -> Page[LoadOut]:
@@ -172,7 +229,14 @@ async def list_loads(
     return await get_context(request).db.run(lambda s: service.list_loads(s, name, after, page.limit), write=False)
 
 
-@router.post("/{name}/heartbeat", response_model=HostOut)
+@router.post(
+    "/{name}/heartbeat",
+    response_model=HostOut,
+    operation_id="sendHeartbeat",
+    responses=problems("host_not_found", "stale_load"),
+    summary="Heartbeat of the host's agent",
+    openapi_extra=roles("admin", "agent of the host"),
+)
 async def heartbeat(
     name: Name,
     body: Heartbeat,
@@ -188,7 +252,14 @@ async def heartbeat(
     return host
 
 
-@batch_router.post("/v1/hosts:batch", status_code=201, response_model=HostBatchOut)
+@batch_router.post(
+    "/v1/hosts:batch",
+    status_code=201,
+    response_model=HostBatchOut,
+    responses=problems("host_name_taken", "load_id_conflict"),
+    summary="Register up to 1,000 hosts at once",
+    openapi_extra=roles("admin"),
+)
 async def register_hosts(
     body: HostBatch, request: Request, principal: Principal = Depends(current_principal)
 ) -> HostBatchOut:

@@ -6,15 +6,22 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, StringConstraints, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StringConstraints, model_validator
+from pydantic.json_schema import SkipJsonSchema
 
 from service.hosts.readiness import KernelLog, TdxState
-from service.schemas import Count, Flag, Labels, MiB, Name, PositiveCount, StrictModel
+from service.schemas import TEXT_PATTERN, Count, Flag, Labels, MiB, Name, PositiveCount, StrictModel
 
-Ratio = Annotated[float, Field(gt=0, le=64)]
+# Strict: the string "4" is refused (an integer such as 4 is a number, and accepted).
+Ratio = Annotated[StrictFloat, Field(gt=0, le=64)]
+
+
+HOST_EXAMPLE: dict[str, Any] = {"name": "node-1", "vcpus": 64, "memory_mib": 262144, "labels": {"zone": "a"}}
 
 
 class HostCreate(StrictModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [HOST_EXAMPLE]})
+
     name: Name
     vcpus: PositiveCount
     memory_mib: MiB
@@ -32,13 +39,24 @@ class HostCreate(StrictModel):
         return self
 
 
+def _no_null_defaults(schema: dict[str, Any]) -> None:
+    for prop in schema.get("properties", {}).values():
+        if "default" in prop and prop["default"] is None:
+            del prop["default"]
+    schema["examples"] = [{"labels": {"zone": "b"}, "schedulable": False}]
+
+
 class HostPatch(StrictModel):
-    labels: Labels | None = None
-    schedulable: Flag | None = None
-    draining: Flag | None = None
-    reserved_vcpus: Count | None = None
-    reserved_memory_mib: Count | None = None
-    cpu_allocation_ratio: Ratio | None = None
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_no_null_defaults)
+
+    # Each field may be omitted but not null (the validator below); SkipJsonSchema keeps null out
+    # of the published schema, which says the same.
+    labels: Labels | SkipJsonSchema[None] = None
+    schedulable: Flag | SkipJsonSchema[None] = None
+    draining: Flag | SkipJsonSchema[None] = None
+    reserved_vcpus: Count | SkipJsonSchema[None] = None
+    reserved_memory_mib: Count | SkipJsonSchema[None] = None
+    cpu_allocation_ratio: Ratio | SkipJsonSchema[None] = None
 
     @model_validator(mode="before")
     @classmethod
@@ -50,24 +68,45 @@ class HostPatch(StrictModel):
         return data
 
 
+LogLine = Annotated[str, StringConstraints(max_length=2000, pattern=TEXT_PATTERN)]
 BootId = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9-]+$")]
-ModuleVersion = Annotated[str, StringConstraints(max_length=64)]
+ModuleVersion = Annotated[str, StringConstraints(max_length=64, pattern=TEXT_PATTERN)]
 
 
 class LoadReport(StrictModel):
-    """The facts of one kvm_intel load, read once when the agent first saw it (API.md, README
-    "TDX state derivation"). ``tdx_requested`` is whether *this* load was asked for tdx=1."""
+    """The facts of one kvm_intel load, read once when the agent first saw it (README, "TDX state
+    derivation"). ``tdx_requested`` is whether *this* load was asked for tdx=1."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "load_id": "0b0e5f0e-6f1c-4a57-9d39-2f7f4a3c1e01",
+                    "boot_id": "9e0d4b1a-5c3f-4a27-8b6e-1f2d3c4b5a69",
+                    "kernel": "6.16.0-tdx",
+                    "kvm_intel_loaded": True,
+                    "tdx_platform": True,
+                    "tdx_requested": True,
+                    "tdx_effective": True,
+                    "keyids_total": 63,
+                    "module_version": "1.5.16",
+                    "errors": [],
+                }
+            ]
+        },
+    )
 
     load_id: uuid.UUID
     boot_id: BootId
-    kernel: Annotated[str, StringConstraints(min_length=1, max_length=255)]
+    kernel: Annotated[str, StringConstraints(min_length=1, max_length=255, pattern=TEXT_PATTERN)]
     kvm_intel_loaded: Flag
     tdx_platform: Flag
     tdx_requested: Flag
     tdx_effective: Flag
     keyids_total: Count
     module_version: ModuleVersion | None = None
-    errors: Annotated[list[Annotated[str, StringConstraints(max_length=2000)]], Field(max_length=64)] = Field(
+    errors: Annotated[list[LogLine], Field(max_length=64)] = Field(
         default_factory=list
     )
     vcpus: PositiveCount | None = None
@@ -83,6 +122,13 @@ class LoadReport(StrictModel):
 class Heartbeat(StrictModel):
     """A heartbeat names its load and carries observations; a field left out is not observed."""
 
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"load_id": "0b0e5f0e-6f1c-4a57-9d39-2f7f4a3c1e01", "keyids_in_use": 1, "running_vms": []}]
+        },
+    )
+
     load_id: uuid.UUID
     keyids_in_use: Count | None = None
     running_vms: Annotated[list[uuid.UUID], Field(max_length=100_000)] | None = None
@@ -94,7 +140,11 @@ class Heartbeat(StrictModel):
 
 
 class TdxOut(BaseModel):
-    state: TdxState
+    state: TdxState = Field(
+        description="unknown until the first load report; unsupported: no TDX on the platform or kernel; "
+        "disabled: kvm_intel loaded without tdx=1 (not opted in); failed: tdx=1 asked for and bring-up "
+        "failed, or no KeyIDs (see reason); ready: the only state that receives TDX VMs"
+    )
     reason: str | None
     reason_code: str | None
     remedy: str | None
@@ -181,6 +231,8 @@ MAX_BATCH = 1000
 
 
 class HostBatch(StrictModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"hosts": [HOST_EXAMPLE]}]})
+
     hosts: Annotated[list[HostRegistration], Field(min_length=1, max_length=MAX_BATCH)]
 
 

@@ -7,6 +7,7 @@ from fastapi import APIRouter, Depends, Header, Request, Response
 from service.auth import Principal, current_principal
 from service.context import get_context
 from service.errors import ProblemError
+from service.openapi import problems, roles
 from service.pagination import Page, PageParams
 from service.projects import service
 from service.projects.schemas import QuotaLimits, QuotaOut
@@ -19,7 +20,12 @@ def _etag(out: QuotaOut) -> dict[str, str]:
     return {"ETag": f'"{out.generation}"'}
 
 
-@router.get("", response_model=Page[QuotaOut])
+@router.get(
+    "",
+    response_model=Page[QuotaOut],
+    summary="Projects with their quota limits and usage",
+    openapi_extra=roles("admin", "reader"),
+)
 async def list_projects(
     request: Request, page: PageParams = Depends(), principal: Principal = Depends(current_principal)
 ) -> Page[QuotaOut]:
@@ -30,7 +36,12 @@ async def list_projects(
     return await get_context(request).db.run(lambda s: service.list_projects(s, after, page.limit), write=False)
 
 
-@router.get("/{project}/quota", response_model=QuotaOut)
+@router.get(
+    "/{project}/quota",
+    response_model=QuotaOut,
+    summary="A project's quota limits and usage",
+    openapi_extra=roles("admin", "reader", "client (its project)"),
+)
 async def get_quota(
     project: Name, request: Request, response: Response, principal: Principal = Depends(current_principal)
 ) -> QuotaOut:
@@ -40,7 +51,13 @@ async def get_quota(
     return out
 
 
-@router.put("/{project}/quota", response_model=QuotaOut)
+@router.put(
+    "/{project}/quota",
+    response_model=QuotaOut,
+    responses=problems("precondition_failed"),
+    summary="Set a project's quota limits (If-Match honoured)",
+    openapi_extra=roles("admin"),
+)
 async def set_quota(
     project: Name,
     body: QuotaLimits,

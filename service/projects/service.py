@@ -13,7 +13,7 @@ from service.hosts.service import parse_if_match
 from service.models import Project
 from service.pagination import Page, encode_cursor
 from service.projects import quota
-from service.projects.schemas import LimitsOut, QuotaLimits, QuotaOut, UsageOut
+from service.projects.schemas import LimitsOut, QuotaLimits, QuotaOut, QuotaUsageOut
 
 
 def quota_out(project: str, row: Project | None) -> QuotaOut:
@@ -22,7 +22,7 @@ def quota_out(project: str, row: Project | None) -> QuotaOut:
     return QuotaOut(
         project=project,
         limits=LimitsOut(**limits.as_dict()),
-        usage=UsageOut(**usage.as_dict()),
+        usage=QuotaUsageOut(**usage.as_dict()),
         generation=row.generation if row is not None else 0,
     )
 

@@ -7,6 +7,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from service.auth import Principal, current_principal
 from service.context import get_context
 from service.errors import ProblemError
+from service.openapi import roles
 from service.scheduler import insight
 from service.scheduler.types import VmRequest
 from service.vms.schemas import CapacityOut, PreviewOut, VmCreate
@@ -14,7 +15,13 @@ from service.vms.schemas import CapacityOut, PreviewOut, VmCreate
 router = APIRouter(tags=["scheduling"])
 
 
-@router.post("/v1/schedule/preview", response_model=PreviewOut)
+@router.post(
+    "/v1/schedule/preview",
+    response_model=PreviewOut,
+    operation_id="previewSchedule",
+    summary="Where a VM would land now, and why not elsewhere",
+    openapi_extra=roles("admin", "client"),
+)
 async def preview(body: VmCreate, request: Request, principal: Principal = Depends(current_principal)) -> PreviewOut:
     principal.require("admin", "client")
     ctx = get_context(request)
@@ -30,11 +37,17 @@ async def preview(body: VmCreate, request: Request, principal: Principal = Depen
     )
 
 
-@router.get("/v1/capacity", response_model=CapacityOut)
+@router.get(
+    "/v1/capacity",
+    response_model=CapacityOut,
+    operation_id="getCapacity",
+    summary="Fleet capacity by TDX state",
+    openapi_extra=roles("admin", "reader", "client"),
+)
 async def capacity(
     request: Request,
     vcpus: int | None = Query(None, ge=1, le=4096),
-    memory_mib: int | None = Query(None, ge=1),
+    memory_mib: int | None = Query(None, ge=1, le=2**50),
     tdx: bool = Query(False),
     principal: Principal = Depends(current_principal),
 ) -> CapacityOut:

@@ -13,6 +13,7 @@ from service.auth import Principal, current_principal
 from service.context import AppContext, get_context
 from service.errors import ProblemError
 from service.models import ACTIVE_VM_STATUSES
+from service.openapi import problems, roles
 from service.pagination import Page, PageParams
 from service.schemas import Name
 from service.vms import service
@@ -31,7 +32,17 @@ def _cursor(page: PageParams) -> str | None:
     return after
 
 
-@router.post("/v1/vms", status_code=201, response_model=VmOut)
+@router.post(
+    "/v1/vms",
+    status_code=201,
+    response_model=VmOut,
+    responses={
+        200: {"model": VmOut, "description": "a replay: the VM created earlier with this Idempotency-Key and body"},
+        **problems("idempotency_key_reused", "quota_exceeded", "rate_limited", "quota_contended"),
+    },
+    summary="Request a VM: placed at once, or pending with an explanation",
+    openapi_extra=roles("admin", "client (its project)"),
+)
 async def create_vm(
     body: VmCreate,
     request: Request,
@@ -61,7 +72,12 @@ async def create_vm(
     return vm
 
 
-@router.get("/v1/vms", response_model=Page[VmOut])
+@router.get(
+    "/v1/vms",
+    response_model=Page[VmOut],
+    summary="List VMs",
+    openapi_extra=roles("admin", "reader", "client (its project's VMs only)"),
+)
 async def list_vms(
     request: Request,
     status: list[VmStatus] | None = Query(None, description="repeatable: VMs in any of these statuses"),
@@ -84,20 +100,38 @@ async def list_vms(
     )
 
 
-@router.get("/v1/vms/{vm_id}", response_model=VmOut)
+@router.get(
+    "/v1/vms/{vm_id}",
+    response_model=VmOut,
+    responses=problems("vm_not_found"),
+    summary="Get a VM",
+    openapi_extra=roles("admin", "reader", "client (its project's VMs)", "agent (VMs placed on its host)"),
+)
 async def get_vm(vm_id: uuid.UUID, request: Request, principal: Principal = Depends(current_principal)) -> VmOut:
     return await get_context(request).db.run(
         lambda s: service.vm_out(service.visible_vm(s, vm_id, principal)), write=False
     )
 
 
-@router.delete("/v1/vms/{vm_id}", status_code=202, response_model=VmOut)
+@router.delete(
+    "/v1/vms/{vm_id}",
+    status_code=202,
+    response_model=VmOut,
+    responses=problems("vm_not_found", "invalid_transition"),
+    summary="Delete a VM", openapi_extra=roles("admin", "client (its project's VMs)"),
+)
 async def delete_vm(vm_id: uuid.UUID, request: Request, principal: Principal = Depends(current_principal)) -> VmOut:
     principal.require("admin", "client")
     return await get_context(request).db.run(lambda s: service.vm_out(service.delete_vm(s, vm_id, principal)))
 
 
-@router.post("/v1/vms/{vm_id}/status", response_model=VmOut)
+@router.post(
+    "/v1/vms/{vm_id}/status",
+    response_model=VmOut,
+    responses=problems("vm_not_found", "invalid_transition"),
+    summary="Report a VM's lifecycle (the agent of its host)",
+    openapi_extra=roles("admin", "agent (VMs placed on its host)"),
+)
 async def report_vm_status(
     vm_id: uuid.UUID, body: VmStatusReport, request: Request, principal: Principal = Depends(current_principal)
 ) -> VmOut:
@@ -107,7 +141,14 @@ async def report_vm_status(
     )
 
 
-@router.get("/v1/hosts/{name}/vms", response_model=Page[VmOut])
+@router.get(
+    "/v1/hosts/{name}/vms",
+    response_model=Page[VmOut],
+    operation_id="listHostVms",
+    responses=problems("host_not_found"),
+    summary="The VMs assigned to a host",
+    openapi_extra=roles("admin", "reader", "agent of the host"),
+)
 async def host_vms(
     name: Name,
     request: Request,

@@ -6,29 +6,41 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, StrictInt, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints
 
-from service.schemas import Flag, Labels, MiB, Name, StrictModel
+from service.scheduler.filters import REASON_CODES
+from service.schemas import TEXT_PATTERN, Flag, IntegralFloat, Labels, MiB, Name, StrictModel
 from service.vms.lifecycle import VmStatus
 
-Priority = Annotated[StrictInt, Field(ge=-1_000_000, le=1_000_000)]
+REASONS_DESCRIPTION = "hosts that could not take the VM, counted per stable reason code: " + ", ".join(REASON_CODES)
+
+Priority = Annotated[StrictInt, Field(ge=-1_000_000, le=1_000_000), IntegralFloat]
 
 
 class VmCreate(StrictModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"name": "web-1", "vcpus": 2, "memory_mib": 4096, "tdx": True, "selector": {"zone": "a"}}]
+        },
+    )
+
     name: Name
-    vcpus: Annotated[StrictInt, Field(ge=1, le=4096)]
+    vcpus: Annotated[StrictInt, Field(ge=1, le=4096), IntegralFloat]
     memory_mib: MiB
     tdx: Flag
     project: Name | None = None
     selector: Labels = Field(default_factory=dict)
     anti_affinity_group: Name | None = None
     priority: Priority = 0
-    schedule_timeout_s: Annotated[StrictInt, Field(ge=1, le=30 * 86400)] | None = None
+    schedule_timeout_s: Annotated[StrictInt, Field(ge=1, le=30 * 86400), IntegralFloat] | None = None
 
 
 class VmStatusReport(StrictModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"status": "running"}]})
+
     status: Literal["running", "failed", "deleted"]
-    detail: Annotated[str, StringConstraints(max_length=2000)] | None = None
+    detail: Annotated[str, StringConstraints(max_length=2000, pattern=TEXT_PATTERN)] | None = None
 
 
 class VmOut(BaseModel):
@@ -45,7 +57,7 @@ class VmOut(BaseModel):
     status_detail: str | None
     host: str | None
     explanation: str | None
-    reasons: dict[str, int]
+    reasons: dict[str, int] = Field(description=REASONS_DESCRIPTION)
     deadline: datetime
     generation: int
     created_at: datetime
@@ -60,7 +72,7 @@ class CandidateOut(BaseModel):
 class PreviewOut(BaseModel):
     host: str | None
     explanation: str
-    reasons: dict[str, int]
+    reasons: dict[str, int] = Field(description=REASONS_DESCRIPTION)
     candidates: list[CandidateOut]
     hosts_considered: int
     hosts_fit: int
