@@ -29,6 +29,8 @@ from service.middleware import BodyLimitMiddleware, RequestLogMiddleware
 from service.models import Host, Vm
 from service.projects.router import router as projects_router
 from service.ratelimit import RateLimiter
+from service.policy.router import router as policy_router
+from service.policy.schemas import PolicyDefaults
 from service.scheduler import queue
 from service.scheduler.engine import SchedulerConfig
 from service.scheduler.router import router as scheduling_router
@@ -54,6 +56,10 @@ def build_context(settings: Settings, db: Database | None = None) -> AppContext:
         heartbeat_timeout_s=settings.heartbeat_timeout_s,
         schedule_timeout_s=settings.schedule_timeout_s,
         idempotency_ttl_s=settings.idempotency_ttl_s,
+        policy_defaults=PolicyDefaults(
+            max_td_builds_per_host=settings.max_td_builds_per_host,
+            td_memory_overhead_mib=settings.td_memory_overhead_mib,
+        ),
         scheduler=SchedulerConfig(
             policy=settings.placement_policy,
             weighers=default_weighers(settings.placement_policy, settings.tdx_affinity_multiplier),
@@ -139,6 +145,7 @@ def create_app(settings: Settings | None = None, db: Database | None = None) -> 
     app.include_router(events_router)
     app.include_router(dashboard_router)
     app.include_router(whoami_router)
+    app.include_router(policy_router)
 
     @app.get("/healthz", tags=["operations"])
     async def healthz() -> dict[str, str]:

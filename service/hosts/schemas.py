@@ -6,7 +6,7 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, StringConstraints, model_validator
+from pydantic import BaseModel, Field, StrictInt, StringConstraints, model_validator
 
 from service.hosts.readiness import KernelLog, TdxState
 from service.schemas import Count, Flag, Labels, MiB, Name, PositiveCount, StrictModel
@@ -52,6 +52,7 @@ class HostPatch(StrictModel):
 
 BootId = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9-]+$")]
 ModuleVersion = Annotated[str, StringConstraints(max_length=64)]
+VmmTdx = Literal["supported", "unsupported", "unknown"]
 
 
 class LoadReport(StrictModel):
@@ -78,6 +79,8 @@ class LoadReport(StrictModel):
     kernel_log: Literal["complete", "rotated", "unreadable"] | None = None
     # /sys/devices/system/cpu/present: a TD gets at most this many vCPUs.
     present_cpus: PositiveCount | None = None
+    # "virt/tdx: N KB allocated for PAMT" of this boot; null: not in the kernel log.
+    pamt_kb: Annotated[StrictInt, Field(ge=0, le=2**50)] | None = None
 
 
 class Heartbeat(StrictModel):
@@ -91,6 +94,11 @@ class Heartbeat(StrictModel):
     module_healthy: Flag | None = None
     # What the kernel command line and modprobe.d ask for at the next kvm_intel load.
     tdx_configured: Flag | None = None
+    # The quote generation service answered a connect (null: not checked).
+    attestation_ready: Flag | None = None
+    # The VMM's TDX support (QEMU version, libvirt domain capabilities) and what it was seen from.
+    vmm_tdx: VmmTdx | None = None
+    vmm_detail: Annotated[str, StringConstraints(max_length=255)] | None = None
 
 
 class TdxOut(BaseModel):
@@ -110,6 +118,16 @@ class TdxOut(BaseModel):
     # e.g. "opt-in configured: takes effect at the next kvm_intel load", while configured and the
     # current load differ.
     next_load: str | None
+    # Memory the TDX module's PAMT took this boot (never schedulable), as the kernel logged it; 0
+    # when the load's kernel log did not say (see the load's pamt_kb).
+    pamt_mib: int
+    # TDs placed here and not yet running (at most the policy's max_td_builds_per_host).
+    tds_building: int
+    # The quote generation service answered the latest heartbeat's check; null: not checked.
+    attestation_ready: bool | None
+    # The VMM's TDX support as the agent sees it, and from what.
+    vmm: VmmTdx | None
+    vmm_detail: str | None
 
 
 class LoadRef(BaseModel):
@@ -121,6 +139,7 @@ class LoadRef(BaseModel):
 
 class UsageOut(BaseModel):
     vcpus: int
+    # Including each TD's overhead charged at its placement.
     memory_mib: int
     vms: int
 
@@ -163,6 +182,7 @@ class LoadOut(BaseModel):
     kvm_tdx: bool | None
     kernel_log: KernelLog | None
     present_cpus: int | None
+    pamt_kb: int | None
     tdx_state: TdxState
     tdx_reason: str | None
     tdx_reason_code: str | None
