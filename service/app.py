@@ -29,6 +29,8 @@ from service.middleware import BodyLimitMiddleware, RequestLogMiddleware
 from service.models import Host, Vm
 from service.projects.router import router as projects_router
 from service.ratelimit import RateLimiter
+from service.operations import runner as operations_runner
+from service.operations.router import router as operations_router
 from service.policy.router import router as policy_router
 from service.policy.schemas import PolicyDefaults
 from service.scheduler import queue
@@ -114,6 +116,9 @@ def create_app(settings: Settings | None = None, db: Database | None = None) -> 
                     )
                 )
             )
+            tasks.append(
+                asyncio.create_task(operations_runner.run_forever(ctx.db, ctx.capacity_signal, settings.queue_tick_s))
+            )
         try:
             yield
         finally:
@@ -146,6 +151,7 @@ def create_app(settings: Settings | None = None, db: Database | None = None) -> 
     app.include_router(dashboard_router)
     app.include_router(whoami_router)
     app.include_router(policy_router)
+    app.include_router(operations_router)
 
     @app.get("/healthz", tags=["operations"])
     async def healthz() -> dict[str, str]:

@@ -301,7 +301,9 @@ class Operation(Base):
     status: Mapped[str] = mapped_column(String(16))
     step: Mapped[str] = mapped_column(String(32))
     detail: Mapped[str | None] = mapped_column(Text)
+    # The first active VMs that keep the host from being reloaded, and how many there are.
     blocking_vms: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    blocking_total: Mapped[int] = mapped_column(Integer, default=0)
     # The host's load when the operation started: a newer one is the new load it waits for.
     start_load_seq: Mapped[int | None] = mapped_column(BigInteger)
     # Whether this operation cordoned the host (a cancel gives it back as it found it).

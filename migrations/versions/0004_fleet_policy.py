@@ -39,6 +39,7 @@ def upgrade() -> None:
     sa.Column('step', sa.String(length=32), nullable=False),
     sa.Column('detail', sa.Text(), nullable=True),
     sa.Column('blocking_vms', sa.JSON(), nullable=False),
+    sa.Column('blocking_total', sa.Integer(), nullable=False),
     sa.Column('start_load_seq', sa.BigInteger(), nullable=True),
     sa.Column('cordoned', sa.Boolean(), nullable=False),
     sa.Column('reason_code', sa.String(length=64), nullable=True),

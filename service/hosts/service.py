@@ -359,6 +359,17 @@ def patch_host(session: Session, name: str, body: HostPatch, if_match: str | Non
     return host
 
 
+def set_schedulable(session: Session, host: Host, schedulable: bool, reason: str) -> None:
+    """Cordon or uncordon a locked host on behalf of an operation: the same row change and events
+    as a PATCH of ``schedulable``."""
+    if host.schedulable == schedulable:
+        return
+    host.schedulable = schedulable
+    _touch(host)
+    emit(session, "host.updated", host.name, {"changed": ["schedulable"], "generation": host.generation, "by": reason})
+    emit(session, "host.uncordoned" if schedulable else "host.cordoned", host.name, {"by": reason})
+
+
 def drain_host(session: Session, name: str) -> Host:
     host = get_host_row(session, name, for_update=True)
     if not host.draining:
