@@ -176,6 +176,9 @@ class HeartbeatObservations(TypedDict, total=False):
     module_version: str | None
     module_healthy: bool | None
     tdx_configured: bool | None
+    attestation_ready: bool | None
+    vmm_tdx: Literal["supported", "unsupported", "unknown"] | None
+    vmm_detail: str | None
 
 
 class RegisteredHost(TypedDict):

@@ -237,7 +237,7 @@ def test_tdx_vms_avoid_a_host_whose_vmm_cannot_build_tds(api: Api) -> None:
     placed = {api.create_vm(name=f"td{i}", vcpus=1).json()["host"] for i in range(3)}
     assert placed == {"new-qemu"}  # unknown is given the benefit of the doubt
     assert api.create_vm(name="plain", tdx=False, vcpus=1, memory_mib=62000).json()["host"] == "old-qemu"
-    _beat(api, "new-qemu", loads["new-qemu"], vmm_tdx="unsupported", vmm_detail="libvirt domain capabilities without tdx")
+    _beat(api, "new-qemu", loads["new-qemu"], vmm_tdx="unsupported", vmm_detail="libvirt without tdx")
     vm = api.create_vm(name="td-x", vcpus=1).json()
     assert vm["reasons"] == {"vmm_tdx_unsupported": 2}
     assert "2 vmm_tdx_unsupported (QEMU/libvirt without TDX, e.g. " in vm["explanation"]

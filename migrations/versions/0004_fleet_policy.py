@@ -13,6 +13,10 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
+# The host's and the floor's version keys compare bytewise ("C" keeps PostgreSQL's locale out of it).
+VERSION_KEY = sa.String(length=128).with_variant(sa.String(length=128, collation='C'), 'postgresql')
+RUNNING_ONLY = {"sqlite_where": sa.text("status = 'running'"), "postgresql_where": sa.text("status = 'running'")}
+
 revision: str = '0004'
 down_revision: str | None = '0003'
 branch_labels: str | Sequence[str] | None = None
@@ -23,7 +27,7 @@ def upgrade() -> None:
     op.create_table('fleet_policy',
     sa.Column('id', sa.Integer(), nullable=False),
     sa.Column('tdx_min_module_version', sa.String(length=64), nullable=True),
-    sa.Column('tdx_min_module_key', sa.String(length=128).with_variant(sa.String(length=128, collation='C'), 'postgresql'), nullable=True),
+    sa.Column('tdx_min_module_key', VERSION_KEY, nullable=True),
     sa.Column('max_td_builds_per_host', sa.Integer(), nullable=True),
     sa.Column('td_memory_overhead_mib', sa.Integer(), nullable=True),
     sa.Column('generation', sa.BigInteger(), nullable=False),
@@ -56,10 +60,10 @@ def upgrade() -> None:
     with op.batch_alter_table('operations', schema=None) as batch_op:
         batch_op.create_index('ix_operations_host_name_id', ['host_name', 'id'], unique=False)
         batch_op.create_index('ix_operations_status_id', ['status', 'id'], unique=False)
-        batch_op.create_index('uq_operations_running_host', ['host_id'], unique=True, sqlite_where=sa.text("status = 'running'"), postgresql_where=sa.text("status = 'running'"))
+        batch_op.create_index('uq_operations_running_host', ['host_id'], unique=True, **RUNNING_ONLY)
 
     with op.batch_alter_table('hosts', schema=None) as batch_op:
-        batch_op.add_column(sa.Column('tdx_module_key', sa.String(length=128).with_variant(sa.String(length=128, collation='C'), 'postgresql'), nullable=True))
+        batch_op.add_column(sa.Column('tdx_module_key', VERSION_KEY, nullable=True))
         batch_op.add_column(sa.Column('attestation_ready', sa.Boolean(), nullable=True))
         batch_op.add_column(sa.Column('vmm_tdx', sa.String(length=16), nullable=True))
         batch_op.add_column(sa.Column('vmm_detail', sa.String(length=255), nullable=True))
@@ -128,7 +132,7 @@ def downgrade() -> None:
         batch_op.drop_column('tdx_module_key')
 
     with op.batch_alter_table('operations', schema=None) as batch_op:
-        batch_op.drop_index('uq_operations_running_host', sqlite_where=sa.text("status = 'running'"), postgresql_where=sa.text("status = 'running'"))
+        batch_op.drop_index('uq_operations_running_host', **RUNNING_ONLY)
         batch_op.drop_index('ix_operations_status_id')
         batch_op.drop_index('ix_operations_host_name_id')
 

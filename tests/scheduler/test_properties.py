@@ -28,10 +28,10 @@ from service.clock import as_utc, utcnow
 from service.db import Database, make_engine
 from service.migrate import migrate
 from service.models import Host, HostLabel, Vm
+from service.policy.versions import version_key
 from service.scheduler.engine import SchedulerConfig, place
 from service.scheduler.explain import count_reasons
 from service.scheduler.filters import all_rejections, first_rejection
-from service.policy.versions import version_key
 from service.scheduler.types import Context, HostView, Policy, VmRequest, memory_charge
 from service.scheduler.weighers import default_weighers
 
