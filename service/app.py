@@ -27,12 +27,12 @@ from service.hosts.router import router as hosts_router
 from service.metrics import Metrics
 from service.middleware import BodyLimitMiddleware, RequestLogMiddleware
 from service.models import Host, Vm
-from service.projects.router import router as projects_router
-from service.ratelimit import RateLimiter
 from service.operations import runner as operations_runner
 from service.operations.router import router as operations_router
 from service.policy.router import router as policy_router
 from service.policy.schemas import PolicyDefaults
+from service.projects.router import router as projects_router
+from service.ratelimit import RateLimiter
 from service.scheduler import queue
 from service.scheduler.engine import SchedulerConfig
 from service.scheduler.router import router as scheduling_router
