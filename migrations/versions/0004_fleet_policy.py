@@ -1,8 +1,8 @@
 """Fleet TDX policy: module floor key, attestation and VMM observations, PAMT, TD build bursts,
 per-TD memory overhead, guided opt-in operations
 
-Revision ID: 0004
-Revises: 0003
+Revision ID: 0004_fleet_policy
+Revises: 0003_quotas
 Create Date: 2026-11-29 18:35:27.866778
 """
 
@@ -17,8 +17,8 @@ from alembic import op
 VERSION_KEY = sa.String(length=128).with_variant(sa.String(length=128, collation='C'), 'postgresql')
 RUNNING_ONLY = {"sqlite_where": sa.text("status = 'running'"), "postgresql_where": sa.text("status = 'running'")}
 
-revision: str = '0004'
-down_revision: str | None = '0003'
+revision: str = "0004_fleet_policy"
+down_revision: str | None = "0003_quotas"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
