@@ -141,12 +141,14 @@ async def _wait_http(port: int, path: str, proc: subprocess.Popen[bytes], timeou
 
 def service_env(backend: Backend, **overrides: str) -> dict[str, str]:
     """Production settings: durable SQLite commits (FULL), request logging on, background tasks on.
-    Only the heartbeat timeout is raised, for fleets that do not heartbeat during a scenario."""
+    Only the heartbeat timeout is raised, for fleets that do not heartbeat during a scenario, and the
+    TD build burst limit, for scenarios whose TDs never report running (no agents)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TDX_")}
     env.update(
         TDX_DATABASE_URL=backend.url,
         TDX_ADMIN_TOKEN=ADMIN_TOKEN,
         TDX_HEARTBEAT_TIMEOUT_S="86400",
+        TDX_MAX_TD_BUILDS_PER_HOST="10000",
         PYTHONUNBUFFERED="1",
     )
     env.update(overrides)

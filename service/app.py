@@ -31,6 +31,10 @@ from service.metrics import Metrics
 from service.middleware import BodyLimitMiddleware, RequestLogMiddleware
 from service.models import Host, Vm
 from service.openapi import operation_id, problems, publish
+from service.operations import runner as operations_runner
+from service.operations.router import router as operations_router
+from service.policy.router import router as policy_router
+from service.policy.schemas import PolicyDefaults
 from service.projects.router import router as projects_router
 from service.ratelimit import RateLimiter
 from service.routing import install_method_not_allowed
@@ -63,6 +67,10 @@ def build_context(settings: Settings, db: Database | None = None) -> AppContext:
         heartbeat_timeout_s=settings.heartbeat_timeout_s,
         schedule_timeout_s=settings.schedule_timeout_s,
         idempotency_ttl_s=settings.idempotency_ttl_s,
+        policy_defaults=PolicyDefaults(
+            max_td_builds_per_host=settings.max_td_builds_per_host,
+            td_memory_overhead_mib=settings.td_memory_overhead_mib,
+        ),
         scheduler=SchedulerConfig(
             policy=settings.placement_policy,
             weighers=default_weighers(settings.placement_policy, settings.tdx_affinity_multiplier),
@@ -117,6 +125,9 @@ def create_app(settings: Settings | None = None, db: Database | None = None) -> 
                     )
                 )
             )
+            tasks.append(
+                asyncio.create_task(operations_runner.run_forever(ctx.db, ctx.capacity_signal, settings.queue_tick_s))
+            )
         try:
             yield
         finally:
@@ -153,6 +164,8 @@ def create_app(settings: Settings | None = None, db: Database | None = None) -> 
     app.include_router(events_router)
     app.include_router(dashboard_router)
     app.include_router(whoami_router)
+    app.include_router(policy_router)
+    app.include_router(operations_router)
 
     @app.get("/healthz", tags=["operations"], response_model=Status, summary="The process is up")
     async def healthz() -> Status:

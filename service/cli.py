@@ -31,6 +31,9 @@ from service.client import (
     Host,
     HostFilter,
     Load,
+    Operation,
+    Policy,
+    PolicyUpdate,
     Preview,
     Quota,
     TdxClient,
@@ -106,6 +109,10 @@ vms_app = typer.Typer(help="VM requests and their placement.", no_args_is_help=T
 schedule_app = typer.Typer(help="Scheduling insight.", no_args_is_help=True)
 tokens_app = typer.Typer(help="API tokens (admin).", no_args_is_help=True)
 quota_app = typer.Typer(help="Project quotas and usage.", no_args_is_help=True)
+policy_app = typer.Typer(help="The fleet's TDX policy.", no_args_is_help=True)
+operations_app = typer.Typer(help="Long-running operations (the guided TDX opt-in).", no_args_is_help=True)
+app.add_typer(policy_app, name="policy")
+app.add_typer(operations_app, name="operations")
 app.add_typer(hosts_app, name="hosts")
 app.add_typer(vms_app, name="vms")
 app.add_typer(schedule_app, name="schedule")
@@ -344,6 +351,10 @@ def _host_details(h: Host) -> Table:
                              f"allocation ratio {ratio:g})"),
         ("memory used/total", f"{_memory(h)} MiB ({h['memory_mib']} physical, {h['reserved_memory_mib']} reserved)"),
         ("vms", str(usage["vms"])),
+        ("tds building", str(tdx.get("tds_building", 0))),
+        ("pamt", f"{tdx.get('pamt_mib', 0)} MiB"),
+        ("attestation", _attestation(tdx.get("attestation_ready"))),
+        ("vmm", _or_dash(tdx.get("vmm") and f"{tdx.get('vmm')}: {tdx.get('vmm_detail') or ''}".rstrip(": "))),
         ("scheduling", _scheduling(h)),
         ("alive", _alive(h)),
         ("last heartbeat", _or_dash(h["last_heartbeat_at"])),
@@ -351,6 +362,12 @@ def _host_details(h: Host) -> Table:
         ("generation", str(h["generation"])),
     ]
     return _details(rows)
+
+
+def _attestation(ready: bool | None) -> str:
+    if ready is None:
+        return "not checked"
+    return "quote generation service answers" if ready else "quote generation service not answering"
 
 
 def _show_host(host: Host, output: Output) -> None:
@@ -366,10 +383,15 @@ def hosts_list(
     tdx_state: Annotated[TdxStateChoice | None, typer.Option(help="only hosts in this TDX state")] = None,
     schedulable: Annotated[bool | None, typer.Option("--schedulable/--cordoned", show_default=False)] = None,
     label: Annotated[list[str] | None, typer.Option(help="k=v, repeatable")] = None,
+    tdx_module_below: Annotated[
+        str | None, typer.Option(help="only hosts whose TDX module version is lower (hosts to update)")
+    ] = None,
     output: OutputOpt = Output.table,
 ) -> None:
     """List hosts with their TDX state, KeyIDs and placement capacity (used/allocatable)."""
     filters = HostFilter(label=_pairs(label, "--label"))
+    if tdx_module_below is not None:
+        filters["tdx_module_below"] = tdx_module_below
     if tdx_state is not None:
         filters["tdx_state"] = tdx_state.value
     if schedulable is not None:
@@ -649,10 +671,15 @@ def vms_create(
     anti_affinity_group: GroupOpt = None,
     priority: PriorityOpt = None,
     timeout: Annotated[int | None, typer.Option(help="seconds to stay pending before failing")] = None,
+    attestation: Annotated[
+        bool, typer.Option("--attestation", help="only hosts whose quote generation service answers (a TD)")
+    ] = False,
     output: OutputOpt = Output.table,
 ) -> None:
     """Request a VM: scheduled at once, or pending with an explanation."""
     options = _vm_options(project, selector, anti_affinity_group, priority, timeout)
+    if attestation:
+        options["attestation"] = True
     with _client(ctx) as c:
         vm = c.create_vm(name, vcpus, memory_mib, tdx, **options)
     _show_vm(vm, output)
@@ -726,7 +753,11 @@ def _show_capacity(cap: Capacity) -> None:
     fit = cap["fit"]
     if fit is not None:
         kind = "TDX" if fit["tdx"] else "non-TDX"
-        parts.append(f"{fit['fits_now']} {kind} VMs of {fit['vcpus']} vCPUs / {fit['memory_mib']} MiB fit now")
+        charged = fit.get("memory_mib_charged", fit["memory_mib"])
+        overhead = f" (+{charged - fit['memory_mib']} MiB TD overhead)" if charged != fit["memory_mib"] else ""
+        parts.append(
+            f"{fit['fits_now']} {kind} VMs of {fit['vcpus']} vCPUs / {fit['memory_mib']} MiB{overhead} fit now"
+        )
     _show(*parts)
 
 
@@ -974,6 +1005,178 @@ def quota_list(ctx: typer.Context, output: OutputOpt = Output.table) -> None:
     _show(_quotas_table(quotas, output is Output.wide))
     if not quotas:
         _nothing("projects")
+
+
+# ---- fleet policy and operations ---------------------------------------------------------------
+
+
+def _show_policy(p: Policy, output: Output) -> None:
+    if output is Output.json:
+        _print_json(p)
+        return
+    d = p["defaults"]
+    _show(_details([
+        ("tdx min module version", _or_dash(p["tdx_min_module_version"])),
+        ("max td builds per host", f"{p['max_td_builds_per_host']} (default {d['max_td_builds_per_host']})"),
+        ("td memory overhead", f"{p['td_memory_overhead_mib']} MiB (default {d['td_memory_overhead_mib']})"),
+        ("generation", str(p["generation"])),
+        ("updated at", _or_dash(p["updated_at"])),
+    ]))
+
+
+@policy_app.command("show")
+def policy_show(ctx: typer.Context, output: OutputOpt = Output.table) -> None:
+    """The fleet's TDX policy: module floor, TD build bursts, per-TD memory overhead."""
+    with _client(ctx) as c:
+        _show_policy(c.get_policy(), output)
+
+
+def _optional_int(value: str | None, option: str) -> int | None:
+    if value is None or value == "default":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        _fail(f"{option} takes a number or 'default', not {value!r}", EXIT_USAGE)
+
+
+@policy_app.command("set")
+def policy_set(
+    ctx: typer.Context,
+    min_module_version: Annotated[
+        str | None, typer.Option(help="TDX VMs only on hosts with this TDX module version or newer; 'none': no floor")
+    ] = None,
+    max_td_builds: Annotated[
+        str | None, typer.Option(help="TDs per host placed and not yet running; 'default': the server's")
+    ] = None,
+    td_overhead_mib: Annotated[
+        str | None, typer.Option(help="memory charged per TD besides its own; 'default': the server's")
+    ] = None,
+    output: OutputOpt = Output.table,
+) -> None:
+    """Change the fleet's TDX policy (the options given; the others keep their values). Pending VMs are
+    re-explained and retried; placed VMs never move."""
+    update = PolicyUpdate()
+    if min_module_version is not None:
+        update["tdx_min_module_version"] = None if min_module_version == "none" else min_module_version
+    if max_td_builds is not None:
+        update["max_td_builds_per_host"] = _optional_int(max_td_builds, "--max-td-builds")
+    if td_overhead_mib is not None:
+        update["td_memory_overhead_mib"] = _optional_int(td_overhead_mib, "--td-overhead-mib")
+    if not update:
+        _fail("nothing to set: give --min-module-version, --max-td-builds or --td-overhead-mib", EXIT_USAGE)
+    with _client(ctx) as c:
+        _show_policy(c.put_policy(**update), output)
+
+
+def _operation_details(op: Operation) -> Table:
+    rows: list[tuple[str, str | Text]] = [
+        ("id", op["id"]), ("kind", op["kind"]), ("host", op["host"]),
+        ("status", _status(op["status"])), ("step", op["step"]), ("detail", _or_dash(op["detail"])),
+    ]
+    if op["blocking_vms_total"]:
+        names = ", ".join(f"{v['name']} ({v['status']})" for v in op["blocking_vms"])
+        rows.append(("blocking vms", f"{op['blocking_vms_total']}: {names}"))
+    if op["reason_code"] or op["reason"]:
+        rows += [("reason code", _or_dash(op["reason_code"])), ("reason", _or_dash(op["reason"])),
+                 ("remedy", _or_dash(op["remedy"]))]
+    rows += [("started", op["created_at"]), ("deadline", op["deadline"]), ("finished", _or_dash(op["finished_at"]))]
+    for entry in op["history"]:
+        rows.append((f"  {_when(entry['at'])}", f"{entry['step']}: {entry['message']}"))
+    return _details(rows)
+
+
+def _operations_table(ops: Iterable[Operation]) -> Table:
+    table = _table("ID", "KIND", "HOST", "STATUS", "STEP", "STARTED", "DETAIL")
+    for op in ops:
+        table.add_row(op["id"], op["kind"], op["host"], _status(op["status"]), op["step"], _when(op["created_at"]),
+                      _or_dash(op["detail"]))
+    return table
+
+
+def _follow(c: TdxClient, op: Operation, after: int) -> Operation:
+    """Print the operation's events as they come, until it ends."""
+    console = _console()
+    while op["status"] == "running":
+        page = c.list_events(after=after, subject=op["id"], wait=20)
+        for e in page["items"]:
+            detail = e["data"].get("detail") or e["kind"].removeprefix("operation.")
+            console.print(f"{_when(e['at'])}  {e['data'].get('step', '')}: {detail}", soft_wrap=True, highlight=False)
+        after = page["last_id"]
+        op = c.get_operation(op["id"])
+    return op
+
+
+@hosts_app.command("opt-in")
+def hosts_opt_in(
+    ctx: typer.Context,
+    name: str,
+    wait: Annotated[bool, typer.Option("--wait", help="follow the operation until it ends (exit 1 unless it succeeds)")]
+    = False,
+    timeout: Annotated[int | None, typer.Option(help="seconds the operation may wait for the host")] = None,
+    output: OutputOpt = Output.table,
+) -> None:
+    """Opt a host in to TDX: cordon it, wait until no VM is active, wait for a new kvm_intel load (reload
+    it with tdx=1 on the host), uncordon it when it is TDX-ready, or stop with the reason and remedy."""
+    with _client(ctx, Subject("host", name)) as c:
+        after = c.list_events(limit=1)["head_id"]
+        op = c.start_opt_in(name, timeout_s=timeout)
+        if output is not Output.json:
+            typer.echo(f"operation {op['id']}: TDX opt-in of {name} started")
+        if wait:
+            op = _follow(c, op, after)
+    if output is Output.json:
+        _print_json(op)
+    elif wait:
+        _show(_operation_details(op))
+    else:
+        typer.echo(f"{op['step']}: {op['detail']}")
+    if wait and op["status"] != "succeeded":
+        raise typer.Exit(EXIT_API_ERROR)
+
+
+@operations_app.command("list")
+def operations_list(
+    ctx: typer.Context,
+    status: Annotated[str | None, typer.Option(help="running, succeeded, failed or canceled")] = None,
+    host: Annotated[str | None, typer.Option()] = None,
+    output: OutputOpt = Output.table,
+) -> None:
+    """Operations, newest first."""
+    with _client(ctx) as c:
+        ops = list(c.iter_operations(status=status, host=host))
+    if output is Output.json:
+        _print_json(ops)
+        return
+    _show(_operations_table(ops))
+    if not ops:
+        _nothing("operations")
+
+
+@operations_app.command("show")
+def operations_show(
+    ctx: typer.Context, op_id: Annotated[str, typer.Argument(metavar="ID")], output: OutputOpt = Output.table
+) -> None:
+    """An operation's step, history, and how it ended."""
+    with _client(ctx, Subject("operation", op_id)) as c:
+        op = c.get_operation(op_id)
+    if output is Output.json:
+        _print_json(op)
+    else:
+        _show(_operation_details(op))
+
+
+@operations_app.command("cancel")
+def operations_cancel(
+    ctx: typer.Context, op_id: Annotated[str, typer.Argument(metavar="ID")], output: OutputOpt = Output.table
+) -> None:
+    """Stop a running operation (a host it cordoned is uncordoned)."""
+    with _client(ctx, Subject("operation", op_id)) as c:
+        op = c.cancel_operation(op_id)
+    if output is Output.json:
+        _print_json(op)
+    else:
+        typer.echo(f"operation {op_id} canceled: {op['detail']}")
 
 
 def main() -> None:

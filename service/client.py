@@ -101,6 +101,11 @@ class TdxInfo(TypedDict):
     module_healthy: NotRequired[bool | None]
     configured: NotRequired[bool | None]
     next_load: NotRequired[str | None]
+    pamt_mib: NotRequired[int]
+    tds_building: NotRequired[int]
+    attestation_ready: NotRequired[bool | None]
+    vmm: NotRequired[Literal["supported", "unsupported", "unknown"] | None]
+    vmm_detail: NotRequired[str | None]
 
 
 class LoadRef(TypedDict):
@@ -160,6 +165,7 @@ class LoadReport(TypedDict):
     kvm_tdx: NotRequired[bool | None]
     kernel_log: NotRequired[Literal["complete", "rotated", "unreadable"] | None]
     present_cpus: NotRequired[int | None]
+    pamt_kb: NotRequired[int | None]
 
 
 class LoadReceipt(NamedTuple):
@@ -176,6 +182,9 @@ class HeartbeatObservations(TypedDict, total=False):
     module_version: str | None
     module_healthy: bool | None
     tdx_configured: bool | None
+    attestation_ready: bool | None
+    vmm_tdx: Literal["supported", "unsupported", "unknown"] | None
+    vmm_detail: str | None
 
 
 class RegisteredHost(TypedDict):
@@ -221,6 +230,8 @@ class Vm(TypedDict):
     vcpus: int
     memory_mib: int
     tdx: bool
+    attestation: NotRequired[bool]
+    memory_overhead_mib: NotRequired[int]
     selector: dict[str, str]
     anti_affinity_group: str | None
     priority: int
@@ -258,12 +269,15 @@ class StateCapacity(TypedDict):
     keyids_used: int
     keyids_free: int
     keyids_stranded: int
+    pamt_mib: NotRequired[int]
+    tds_building: NotRequired[int]
 
 
 class Fit(TypedDict):
     vcpus: int
     memory_mib: int
     tdx: bool
+    memory_mib_charged: NotRequired[int]
     fits_now: int
 
 
@@ -271,6 +285,8 @@ class Capacity(TypedDict):
     by_tdx_state: dict[str, StateCapacity]
     totals: StateCapacity
     fit: Fit | None
+    td_memory_overhead_mib: NotRequired[int]
+    max_td_builds_per_host: NotRequired[int]
 
 
 class Event(TypedDict):
@@ -299,6 +315,43 @@ class Token(TypedDict):
 
 class TokenCreated(Token):
     token: str
+
+
+class Policy(TypedDict):
+    tdx_min_module_version: str | None
+    max_td_builds_per_host: int
+    td_memory_overhead_mib: int
+    defaults: dict[str, int]
+    generation: int
+    updated_at: str | None
+
+
+class PolicyUpdate(TypedDict, total=False):
+    """``PUT /v1/policy``: the keys given are set (None: no floor / the server's default)."""
+
+    tdx_min_module_version: str | None
+    max_td_builds_per_host: int | None
+    td_memory_overhead_mib: int | None
+
+
+class Operation(TypedDict):
+    id: str
+    kind: str
+    host: str
+    status: Literal["running", "succeeded", "failed", "canceled"]
+    step: str
+    detail: str | None
+    blocking_vms: list[dict[str, str]]
+    blocking_vms_total: int
+    reason_code: str | None
+    reason: str | None
+    remedy: str | None
+    history: list[dict[str, str]]
+    deadline: str
+    generation: int
+    created_at: str
+    updated_at: str
+    finished_at: str | None
 
 
 class WhoAmI(TypedDict):
@@ -353,12 +406,14 @@ class VmOptions(TypedDict, total=False):
     anti_affinity_group: str
     priority: int
     schedule_timeout_s: int
+    attestation: bool
 
 
 class HostFilter(TypedDict, total=False):
     tdx_state: TdxState | str
     schedulable: bool
     label: Sequence[str] | Mapping[str, str]
+    tdx_module_below: str
 
 
 class VmFilter(TypedDict, total=False):
@@ -621,6 +676,7 @@ class _calls:
             tdx_state=filters.get("tdx_state"),
             schedulable=filters.get("schedulable"),
             label=_label_params(filters.get("label")),
+            tdx_module_below=filters.get("tdx_module_below"),
         )
         return _get("/v1/hosts", _json, params + _page(limit, cursor))
 
@@ -747,6 +803,33 @@ class _calls:
     @staticmethod
     def list_projects(limit: int | None, cursor: str | None) -> _Call[Page[Quota]]:
         return _get("/v1/projects", _json, _page(limit, cursor))
+
+    @staticmethod
+    def get_policy() -> _Call[Policy]:
+        return _get("/v1/policy", _json)
+
+    @staticmethod
+    def put_policy(update: PolicyUpdate) -> _Call[Policy]:
+        return _Call("PUT", "/v1/policy", _json, body=dict(update), idempotent=True)
+
+    @staticmethod
+    def start_opt_in(host: str, timeout_s: int | None) -> _Call[Operation]:
+        body = {"timeout_s": timeout_s} if timeout_s is not None else None
+        return _Call("POST", f"/v1/hosts/{_seg(host)}/tdx-opt-in", _json, body=body)
+
+    @staticmethod
+    def get_operation(op_id: str | uuid.UUID) -> _Call[Operation]:
+        return _get(f"/v1/operations/{_seg(op_id)}", _json)
+
+    @staticmethod
+    def list_operations(
+        status: str | None, host: str | None, limit: int | None, cursor: str | None
+    ) -> _Call[Page[Operation]]:
+        return _get("/v1/operations", _json, _params(status=status, host=host) + _page(limit, cursor))
+
+    @staticmethod
+    def cancel_operation(op_id: str | uuid.UUID) -> _Call[Operation]:
+        return _Call("POST", f"/v1/operations/{_seg(op_id)}/cancel", _json)
 
     @staticmethod
     def healthz() -> _Call[dict[str, str]]:
@@ -1110,6 +1193,35 @@ class TdxClient:
     def iter_projects(self, *, limit: int | None = None) -> Iterator[Quota]:
         return self._pages(_calls.list_projects(limit, None))
 
+    # fleet policy and operations
+    def get_policy(self) -> Policy:
+        return self._send(_calls.get_policy())
+
+    def put_policy(self, **update: Unpack[PolicyUpdate]) -> Policy:
+        """Set the named policy fields; the others keep their values."""
+        return self._send(_calls.put_policy(update))
+
+    def start_opt_in(self, host: str, *, timeout_s: int | None = None) -> Operation:
+        """Start the guided TDX opt-in of ``host`` (202): cordon, drain, new load, uncordon when ready."""
+        return self._send(_calls.start_opt_in(host, timeout_s))
+
+    def get_operation(self, op_id: str | uuid.UUID) -> Operation:
+        return self._send(_calls.get_operation(op_id))
+
+    def list_operations(
+        self, *, status: str | None = None, host: str | None = None, limit: int | None = None,
+        cursor: str | None = None,
+    ) -> Page[Operation]:
+        return self._send(_calls.list_operations(status, host, limit, cursor))
+
+    def iter_operations(
+        self, *, status: str | None = None, host: str | None = None, limit: int | None = None
+    ) -> Iterator[Operation]:
+        return self._pages(_calls.list_operations(status, host, limit, None))
+
+    def cancel_operation(self, op_id: str | uuid.UUID) -> Operation:
+        return self._send(_calls.cancel_operation(op_id))
+
     def healthz(self) -> dict[str, str]:
         return self._send(_calls.healthz())
 
@@ -1333,6 +1445,33 @@ class AsyncTdxClient:
 
     def iter_projects(self, *, limit: int | None = None) -> AsyncIterator[Quota]:
         return self._pages(_calls.list_projects(limit, None))
+
+    # fleet policy and operations
+    async def get_policy(self) -> Policy:
+        return await self._send(_calls.get_policy())
+
+    async def put_policy(self, **update: Unpack[PolicyUpdate]) -> Policy:
+        return await self._send(_calls.put_policy(update))
+
+    async def start_opt_in(self, host: str, *, timeout_s: int | None = None) -> Operation:
+        return await self._send(_calls.start_opt_in(host, timeout_s))
+
+    async def get_operation(self, op_id: str | uuid.UUID) -> Operation:
+        return await self._send(_calls.get_operation(op_id))
+
+    async def list_operations(
+        self, *, status: str | None = None, host: str | None = None, limit: int | None = None,
+        cursor: str | None = None,
+    ) -> Page[Operation]:
+        return await self._send(_calls.list_operations(status, host, limit, cursor))
+
+    def iter_operations(
+        self, *, status: str | None = None, host: str | None = None, limit: int | None = None
+    ) -> AsyncIterator[Operation]:
+        return self._pages(_calls.list_operations(status, host, limit, None))
+
+    async def cancel_operation(self, op_id: str | uuid.UUID) -> Operation:
+        return await self._send(_calls.cancel_operation(op_id))
 
     async def healthz(self) -> dict[str, str]:
         return await self._send(_calls.healthz())

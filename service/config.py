@@ -33,6 +33,11 @@ class Settings(BaseSettings):
     vm_create_rate_per_s: float = Field(default=10.0, ge=0)
     vm_create_burst: int = Field(default=100, ge=1)
     rate_limit_admin: bool = False
+    # Fleet policy defaults, until PUT /v1/policy sets them (README "TDX policy").
+    max_td_builds_per_host: int = Field(default=4, ge=1, le=10_000)
+    td_memory_overhead_mib: int = Field(default=0, ge=0, le=2**20)
+    # How long a guided opt-in may wait for its host (drained, then a new load) before it fails.
+    opt_in_timeout_s: int = Field(default=86400, ge=60, le=30 * 86400)
     log_requests: bool = True
     run_background_tasks: bool = True
 

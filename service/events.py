@@ -59,6 +59,15 @@ CAPACITY_KINDS = frozenset(
         "vm.deleted",
         "vm.lost",
         "vm.failed",
+        # A TD turning running frees its build slot (TD build bursts).
+        "vm.running",
+        # Heartbeat observations that can let a host take VMs it could not (written only on change).
+        "host.module_version_changed",
+        "host.attestation_changed",
+        "host.vmm_changed",
+        "host.keyids_freed",
+        # Pending VMs are retried and re-explained under the new policy.
+        "policy.updated",
     }
 )
 

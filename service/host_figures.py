@@ -24,8 +24,9 @@ def vcpu_limit(host: Mapping[str, Any]) -> int:
 
 
 def memory_limit_mib(host: Mapping[str, Any]) -> int:
-    """Memory that placements may claim: physical minus reserved (memory is never overcommitted)."""
-    return int(host["memory_mib"]) - int(host["reserved_memory_mib"])
+    """Memory that placements may claim: physical minus reserved minus the TDX module's PAMT (memory is
+    never overcommitted)."""
+    return int(host["memory_mib"]) - int(host["reserved_memory_mib"]) - int(host.get("tdx", {}).get("pamt_mib") or 0)
 
 
 def scheduling(host: Mapping[str, Any]) -> Scheduling:

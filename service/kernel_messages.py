@@ -76,6 +76,9 @@ ENOMEM = -12
 # virt/tdx: BIOS enabled: private KeyID range [a, b): b - a TDX KeyIDs, the first is the module's own.
 KEYID_RANGE = Message(TDX_HOST, "BIOS enabled: private KeyID range [%u, %u)", None, Scope.BOOT, BOTH)
 
+# virt/tdx: N KB allocated for PAMT (init_tdx_module, once the TDMRs' PAMTs are allocated).
+PAMT_ALLOCATED = Message(TDX_HOST, "%lu KB allocated for PAMT", None, Scope.BOOT, BOTH)
+
 MESSAGES: tuple[Message, ...] = (
     # --- the TDX host core at boot (arch/x86/virt/vmx/tdx/tdx.c tdx_init), both eras ---------------
     KEYID_RANGE,
@@ -93,7 +96,7 @@ MESSAGES: tuple[Message, ...] = (
     Message(TDX_HOST, "initialization failed: TDMRs exhausted.", "tdx_module_init_failed", Scope.BOOT, BOTH),
     Message(TDX_HOST, "initialization failed: TDMR [0x%llx, 0x%llx): reserved areas exhausted.",
             "tdx_module_init_failed", Scope.BOOT, BOTH),
-    Message(TDX_HOST, "%lu KB allocated for PAMT", None, Scope.BOOT, BOTH),
+    PAMT_ALLOCATED,
     Message(TDX_HOST, "module initialization failed (%d)", "tdx_module_init_failed", Scope.BOOT,
             (Era.LOAD_TIME,), hard=True, by_errno={ENOMEM: "pamt_alloc_failed"}),
     Message(TDX_HOST, "module initialized", None, Scope.BOOT, (Era.LOAD_TIME,)),
@@ -168,6 +171,14 @@ def keyid_range(text: str) -> tuple[int, int] | None:
         return None
     a, b = (int(x) for x in known.args)
     return (a, b) if b > a else None
+
+
+def pamt_kb(text: str) -> int | None:
+    """N of ``virt/tdx: N KB allocated for PAMT``."""
+    known = recognise(text)
+    if known is None or known.message is not PAMT_ALLOCATED:
+        return None
+    return int(known.args[0])
 
 
 def reason_codes(lines: Iterable[str]) -> list[tuple[str, str]]:

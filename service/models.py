@@ -19,6 +19,8 @@ from sqlalchemy import (
     String,
     Text,
     Uuid,
+    false,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -38,6 +40,9 @@ BigIntPK = BigInteger().with_variant(Integer(), "sqlite")
 UTCDateTime = DateTime(timezone=True)
 
 ACTIVE_VM_STATUSES = ("scheduled", "running", "deleting")
+
+# Compared bytewise on every database (a digits-only key; "C" keeps PostgreSQL's locale out of it).
+VersionKey = String(128).with_variant(String(128, collation="C"), "postgresql")
 
 
 class Base(DeclarativeBase):
@@ -66,6 +71,14 @@ class Host(Base):
     module_version: Mapped[str | None] = mapped_column(String(64))
     module_healthy: Mapped[bool | None] = mapped_column(Boolean)
     tdx_configured: Mapped[bool | None] = mapped_column(Boolean)
+    # The module version as a sortable key (service/policy/versions.py), so that the fleet's TDX
+    # module floor is a plain column comparison (and GET /v1/hosts?tdx_module_below= an index range).
+    tdx_module_key: Mapped[str | None] = mapped_column(VersionKey, index=True)
+    # The quote generation service answered the agent's last check (None: not checked).
+    attestation_ready: Mapped[bool | None] = mapped_column(Boolean)
+    # The VMM's TDX support as the agent sees it: supported / unsupported / unknown (None: not reported).
+    vmm_tdx: Mapped[str | None] = mapped_column(String(16))
+    vmm_detail: Mapped[str | None] = mapped_column(String(255))
     # The current load (no foreign key: loads already reference hosts, and a cycle would need
     # ALTER TABLE constraints that SQLite lacks). Its facts are copied below so that placement
     # filters run on indexed host columns.
@@ -77,11 +90,15 @@ class Host(Base):
     keyids_total: Mapped[int] = mapped_column(Integer, default=0)
     # A TD's vCPUs never exceed the host's present CPUs (KVM caps them there); None: not reported.
     present_cpus: Mapped[int | None] = mapped_column(Integer)
+    # Memory the TDX module took for its PAMT this boot (from the current load), never schedulable.
+    pamt_mib: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     used_vcpus: Mapped[int] = mapped_column(Integer, default=0)
     used_memory_mib: Mapped[int] = mapped_column(BigInteger, default=0)
     used_keyids: Mapped[int] = mapped_column(Integer, default=0)
     vm_count: Mapped[int] = mapped_column(Integer, default=0)
-    # memory_mib - reserved_memory_mib - used_memory_mib, kept by every write so that the
+    # TDX VMs placed here and not yet running (TD builds under way), at most the policy's limit.
+    tds_building: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # memory_mib - reserved_memory_mib - pamt_mib - used_memory_mib, kept by every write so that the
     # placement index walks hosts by free memory (spread: most free first; pack: least first).
     free_memory_mib: Mapped[int] = mapped_column(BigInteger)
     generation: Mapped[int] = mapped_column(BigInteger, default=1)
@@ -127,6 +144,8 @@ class Load(Base):
     kvm_tdx: Mapped[bool | None] = mapped_column(Boolean)
     kernel_log: Mapped[str | None] = mapped_column(String(16))
     present_cpus: Mapped[int | None] = mapped_column(Integer)
+    # "virt/tdx: N KB allocated for PAMT" of this boot; None: not in the log (or not readable).
+    pamt_kb: Mapped[int | None] = mapped_column(BigInteger)
     tdx_state: Mapped[str] = mapped_column(String(16))
     tdx_reason: Mapped[str | None] = mapped_column(Text)
     tdx_reason_code: Mapped[str | None] = mapped_column(String(64))
@@ -148,6 +167,10 @@ class Vm(Base):
     vcpus: Mapped[int] = mapped_column(Integer)
     memory_mib: Mapped[int] = mapped_column(BigInteger)
     tdx: Mapped[bool] = mapped_column(Boolean)
+    # Only on hosts whose quote generation service answers (the TD must be able to attest).
+    attestation: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # The per-TD memory overhead charged at placement (the policy may change later; the charge not).
+    memory_overhead_mib: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     selector: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
     anti_affinity_group: Mapped[str | None] = mapped_column(String(63))
     priority: Mapped[int] = mapped_column(Integer, default=0)
@@ -247,3 +270,60 @@ class Project(Base):
     generation: Mapped[int] = mapped_column(BigInteger, default=0)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class FleetPolicy(Base):
+    """The fleet's TDX policy: one row (id 1), absent until first set; see service/policy/."""
+
+    __tablename__ = "fleet_policy"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    tdx_min_module_version: Mapped[str | None] = mapped_column(String(64))
+    tdx_min_module_key: Mapped[str | None] = mapped_column(VersionKey)
+    # None: the server's default setting (TDX_MAX_TD_BUILDS_PER_HOST, TDX_TD_MEMORY_OVERHEAD_MIB).
+    max_td_builds_per_host: Mapped[int | None] = mapped_column(Integer)
+    td_memory_overhead_mib: Mapped[int | None] = mapped_column(Integer)
+    generation: Mapped[int] = mapped_column(BigInteger, default=1)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class Operation(Base):
+    """A long-running operation (the guided TDX opt-in of a host), advanced by the background loop of
+    any replica under a row lock; see service/operations/."""
+
+    __tablename__ = "operations"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid7)
+    kind: Mapped[str] = mapped_column(String(32))
+    # No foreign key: the operation's history outlives the host.
+    host_id: Mapped[uuid.UUID] = mapped_column(Uuid)
+    host_name: Mapped[str] = mapped_column(String(63))
+    status: Mapped[str] = mapped_column(String(16))
+    step: Mapped[str] = mapped_column(String(32))
+    detail: Mapped[str | None] = mapped_column(Text)
+    # The first active VMs that keep the host from being reloaded, and how many there are.
+    blocking_vms: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    blocking_total: Mapped[int] = mapped_column(Integer, default=0)
+    # The host's load when the operation started: a newer one is the new load it waits for.
+    start_load_seq: Mapped[int | None] = mapped_column(BigInteger)
+    # Whether this operation cordoned the host (a cancel gives it back as it found it).
+    cordoned: Mapped[bool] = mapped_column(Boolean, default=False)
+    reason_code: Mapped[str | None] = mapped_column(String(64))
+    reason: Mapped[str | None] = mapped_column(Text)
+    remedy: Mapped[str | None] = mapped_column(Text)
+    history: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    deadline: Mapped[datetime] = mapped_column(UTCDateTime)
+    generation: Mapped[int] = mapped_column(BigInteger, default=1)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    __table_args__ = (
+        Index("ix_operations_status_id", "status", "id"),
+        Index("ix_operations_host_name_id", "host_name", "id"),
+        # One running operation per host, whatever the number of replicas starting one at once.
+        Index(
+            "uq_operations_running_host", "host_id", unique=True,
+            sqlite_where=text("status = 'running'"), postgresql_where=text("status = 'running'"),
+        ),
+    )

@@ -35,6 +35,7 @@ PROBLEM_CODES: dict[str, tuple[tuple[int, ...], str]] = {
     "host_not_found": ((404,), "no host of that name"),
     "vm_not_found": ((404,), "no VM of that id (or not visible to this token)"),
     "token_not_found": ((404,), "no token of that id"),
+    "operation_not_found": ((404,), "no operation of that id"),
     "method_not_allowed": ((405,), "the path exists but not with this method; `Allow` lists its methods"),
     "host_name_taken": ((409,), "a host of that name exists already"),
     "host_not_empty": ((409,), "the host still has active VMs"),
@@ -43,6 +44,9 @@ PROBLEM_CODES: dict[str, tuple[tuple[int, ...], str]] = {
     "reload_with_active_vms": ((409,), "a new kvm_intel load on the same boot while VMs are active"),
     "stale_load": ((409,), "`load_id` is not the host's current load"),
     "invalid_transition": ((409,), "the VM's state machine does not allow this"),
+    "operation_in_progress": ((409,), "the host already has a running opt-in operation"),
+    "tdx_already_ready": ((409,), "the host is TDX-ready already: there is nothing to opt in"),
+    "operation_finished": ((409,), "the operation has ended; it can no longer be canceled"),
     "idempotency_key_reused": (
         (409, 422),
         "the `Idempotency-Key` was used with another body (422), or its VM no longer exists (409)",

@@ -302,6 +302,7 @@ def test_the_page_computes_host_figures_as_tdxctl_does(page: Page, fleet: Fleet)
             "cpu_allocation_ratio": rng.choice(ratios) if rng.random() < 0.7 else rng.uniform(0.01, 32),
             "schedulable": rng.random() < 0.7, "draining": rng.random() < 0.2, "alive": rng.random() < 0.7,
             "free": rng.uniform(0, 1e6),
+            "tdx": {"pamt_mib": rng.randint(0, 4096)} if rng.random() < 0.5 else {},
         })
     expected = [
         [vcpu_limit(h), memory_limit_mib(h), scheduling(h), whole_vcpus(h["free"])] for h in hosts
@@ -315,6 +316,22 @@ def test_the_page_computes_host_figures_as_tdxctl_does(page: Page, fleet: Fleet)
         hosts,
     )
     assert shown == expected
+
+
+def test_overview_shows_running_operations_and_what_they_wait_for(page: Page, fleet: Fleet) -> None:
+    with fleet.admin() as c:
+        op = c.start_opt_in("node-2")
+    try:
+        open_dashboard(page, fleet, fleet.reader)
+        row = page.locator("#operations-table tbody tr").filter(has=page.get_by_role("link", name="node-2"))
+        expect(row).to_have_count(1)
+        expect(row).to_contain_text("tdx opt in")
+        expect(row).to_contain_text("wait for load")
+        expect(row).to_contain_text("modprobe -r kvm_intel && modprobe kvm_intel tdx=1")
+    finally:
+        with fleet.admin() as c:
+            c.cancel_operation(op["id"])
+    assert fleet.host("node-2")["schedulable"] is False  # it was cordoned before the operation
 
 
 # ---- an admin -----------------------------------------------------------------------------------

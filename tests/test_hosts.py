@@ -77,7 +77,8 @@ def test_host_after_load_has_load_and_tdx_fields(api: Api) -> None:
     assert host["tdx"] == {
         "state": "ready", "reason": None, "reason_code": None, "remedy": None, "keyids_total": 31,
         "keyids_used": 0, "keyids_observed_in_use": None, "keyids_free": 31, "module_version": "1.5.06",
-        "module_healthy": None, "configured": None, "next_load": None,
+        "module_healthy": None, "configured": None, "next_load": None, "pamt_mib": 0, "tds_building": 0,
+        "attestation_ready": None, "vmm": None, "vmm_detail": None,
     }
 
 

@@ -55,6 +55,8 @@ def test_concurrent_creates_on_two_replicas_never_overcommit(replicas: list[str]
             assert api.post("/v1/hosts", json={"name": f"h{i}", "vcpus": 64, "memory_mib": 262144}).status_code == 201
             r = api.post(f"/v1/hosts/h{i}/loads", json=load_body("ready", KEYIDS_PER_HOST))
             assert r.status_code == 201, r.text
+        # As many TD builds at once as KeyIDs: both limits are claimed in the same conditional UPDATE.
+        assert api.put("/v1/policy", json={"max_td_builds_per_host": KEYIDS_PER_HOST}).status_code == 200
 
         responses = asyncio.run(_fire(replicas))
         assert [r.status_code for r in responses] == [201] * REQUESTS, {r.status_code: r.text for r in responses}
@@ -68,6 +70,7 @@ def test_concurrent_creates_on_two_replicas_never_overcommit(replicas: list[str]
         for host in hosts:
             assert host["tdx"]["keyids_used"] == per_host[host["name"]] <= host["tdx"]["keyids_total"]
             assert host["usage"]["vms"] == per_host[host["name"]]
+            assert host["tdx"]["tds_building"] == per_host[host["name"]] <= KEYIDS_PER_HOST
             assert host["usage"]["memory_mib"] == 256 * per_host[host["name"]] <= host["memory_mib"]
         # Listing agrees with the replies: nothing acknowledged was lost, nothing extra appeared.
         listed: list[dict[str, object]] = []

@@ -151,7 +151,7 @@ def test_capacity_totals_stranded_keyids_and_exact_fit(api: Api) -> None:
     assert cap["totals"]["hosts"] == 3 and cap["fit"] is None
     # 2 vCPUs x 3072 MiB TDX: roomy fits min(8/2, 16384//3072, 4) = 4; full fits 0; plain is not ready.
     fit = api.client.get("/v1/capacity?vcpus=2&memory_mib=3072&tdx=true", headers=api.admin).json()["fit"]
-    assert fit == {"vcpus": 2, "memory_mib": 3072, "tdx": True, "fits_now": 4}
+    assert fit == {"vcpus": 2, "memory_mib": 3072, "tdx": True, "memory_mib_charged": 3072, "fits_now": 4}
     # Non-TDX: roomy 4 + plain min(4/2, 8192//3072) = 2.
     fit = api.client.get("/v1/capacity?vcpus=2&memory_mib=3072&tdx=false", headers=api.admin).json()["fit"]
     assert fit["fits_now"] == 6

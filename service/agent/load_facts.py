@@ -28,6 +28,7 @@ from service.agent.kernel_log import (
 from service.agent.keyids import keyids_total
 from service.agent.kvm_intel import KvmIntel
 from service.agent.module_version import read_module_version
+from service.agent.pamt import pamt_kb_of_boot
 from service.agent.platform import tdx_host_platform
 
 
@@ -47,6 +48,7 @@ class LoadFacts:
     vcpus: int | None
     present_cpus: int | None
     memory_mib: int | None
+    pamt_kb: int | None = None
 
     def report(self, load_id: str) -> dict[str, Any]:
         """The load-report body (API.md)."""
@@ -87,4 +89,5 @@ def read_load_facts(
         vcpus=capacity.online_cpus(root),
         present_cpus=capacity.present_cpus(root),
         memory_mib=capacity.memory_mib(root),
+        pamt_kb=pamt_kb_of_boot(log.texts()),
     )

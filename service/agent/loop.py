@@ -29,15 +29,26 @@ from typing import TypeVar
 
 import httpx
 
+from service.agent.attestation import DEFAULT_QGS_SOCKET
 from service.agent.identity import Look, boot_id_refusal, look
 from service.agent.kernel_log import Position
 from service.agent.kvm_intel import Phase
 from service.agent.load_facts import read_load_facts
-from service.agent.observations import observe
+from service.agent.observations import Observations, observe
 from service.agent.opt_in import tdx_configured
 from service.agent.probe import read_log
 from service.agent.state import LoadRecord, StateError, StateStore
-from service.client import ApiError, ConnectionFailed, Forbidden, NotFound, ServerError, TdxClient, Unauthorized
+from service.agent.vmm import AUTO, VmmProbe
+from service.client import (
+    ApiError,
+    ConnectionFailed,
+    Forbidden,
+    HeartbeatObservations,
+    NotFound,
+    ServerError,
+    TdxClient,
+    Unauthorized,
+)
 
 T = TypeVar("T")
 log = logging.getLogger("tdx.agent")
@@ -69,6 +80,23 @@ class AgentConfig:
     interval_s: float
     once: bool
     settle_s: float = DEFAULT_SETTLE_S
+    # The quote generation service's socket (under root); None: attestation not checked.
+    qgs_socket: str | None = DEFAULT_QGS_SOCKET
+    # Where to read the VMM's TDX support (vmm.py): "auto" finds qemu/virsh; None: not looked at.
+    qemu: str | None = AUTO
+    virsh: str | None = AUTO
+    domcapabilities: str | None = None
+
+
+def _observations(observed: Observations) -> HeartbeatObservations:
+    fields: HeartbeatObservations = {
+        "module_version": observed.module_version, "module_healthy": observed.module_healthy,
+        "tdx_configured": observed.tdx_configured, "attestation_ready": observed.attestation_ready,
+    }
+    if observed.vmm is not None:
+        fields["vmm_tdx"] = observed.vmm.tdx
+        fields["vmm_detail"] = observed.vmm.detail[:255]
+    return fields
 
 
 class Agent:
@@ -96,6 +124,7 @@ class Agent:
         self._last_refusal: str | None = None
         self._absent_since: float | None = None  # kvm_intel went away at this clock reading
         self._said: set[str] = set()
+        self._vmm = VmmProbe(config.root, config.qemu, config.virsh, config.domcapabilities)
 
     # --- the loop ------------------------------------------------------------------------------
 
@@ -245,7 +274,7 @@ class Agent:
 
     def _heartbeat(self) -> None:
         assert self.record is not None
-        observed = observe(self.config.root)
+        observed = observe(self.config.root, self.config.qgs_socket, self._vmm)
         for _ in range(2):
             record = self.record
             vms = self._call("list running VMs", partial(self.client.host_vms, self.config.host, status="running"))
@@ -253,8 +282,7 @@ class Agent:
             try:
                 beat = partial(
                     self.client.heartbeat, self.config.host, record.load_id, observed.keyids_in_use, running,
-                    module_version=observed.module_version, module_healthy=observed.module_healthy,
-                    tdx_configured=observed.tdx_configured,
+                    **_observations(observed),
                 )
                 self._call("heartbeat", beat)
                 return

@@ -18,9 +18,11 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import NoReturn
 
+from service.agent.attestation import DEFAULT_QGS_SOCKET
 from service.agent.loop import DEFAULT_SETTLE_S, Agent, AgentConfig, AgentError
 from service.agent.probe import ProbeError, probe
 from service.agent.state import StateStore
+from service.agent.vmm import AUTO, VmmProbe
 from service.client import ApiError, TdxClient
 
 PROG = "tdx-agent"
@@ -50,13 +52,28 @@ def _parser() -> argparse.ArgumentParser:
             help="kernel log to read (default <root>/dev/kmsg; on / falls back to dmesg when unreadable)",
         )
 
+    def observer_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--qgs-socket", default=os.environ.get("TDX_QGS_SOCKET", DEFAULT_QGS_SOCKET), metavar="PATH",
+            help=f"the quote generation service's Unix socket, under --root (default {DEFAULT_QGS_SOCKET}; "
+            "'none': do not check attestation)",
+        )
+        p.add_argument("--qemu", default=AUTO, metavar="PATH",
+                       help="the QEMU binary, under --root (default auto: qemu-system-x86_64 or qemu-kvm; 'none')")
+        p.add_argument("--virsh", default=AUTO, metavar="PATH",
+                       help="virsh, for libvirt's domain capabilities (default auto; 'none')")
+        p.add_argument("--domcapabilities", default=None, metavar="FILE",
+                       help="read libvirt's domain capabilities from this file (under --root) instead of virsh")
+
     p_probe = sub.add_parser(
         "probe", help="print what would be reported now as JSON: {load: <load report>, heartbeat: <observations>}"
     )
     host_args(p_probe)
+    observer_args(p_probe)
 
     p_run = sub.add_parser("run", help="report the kvm_intel load, then heartbeat")
     host_args(p_run)
+    observer_args(p_run)
     p_run.add_argument("--server", default=os.environ.get("TDX_SERVER"), help="service URL (env TDX_SERVER)")
     p_run.add_argument("--token", default=os.environ.get("TDX_TOKEN"), help="agent token (env TDX_TOKEN)")
     p_run.add_argument("--host", default=os.environ.get("TDX_HOST"), help="this host's name (env TDX_HOST)")
@@ -81,6 +98,15 @@ def _root(value: str) -> Path:
     return root
 
 
+def _optional(value: str | None) -> str | None:
+    """A path option; 'none' (or empty) turns the check off."""
+    return None if value is None or value.strip().lower() in ("", "none") else value
+
+
+def _vmm(args: argparse.Namespace, root: Path) -> VmmProbe:
+    return VmmProbe(root, _optional(args.qemu), _optional(args.virsh), args.domcapabilities)
+
+
 def _run_config(args: argparse.Namespace) -> tuple[str, str, AgentConfig]:
     if not args.server:
         raise UsageError("--server (or TDX_SERVER) is required")
@@ -98,7 +124,8 @@ def _run_config(args: argparse.Namespace) -> tuple[str, str, AgentConfig]:
         raise UsageError("--settle must be between 0 and 3600 seconds")
     config = AgentConfig(
         host=args.host, root=_root(args.root), kernel_log=args.kernel_log, interval_s=args.interval, once=args.once,
-        settle_s=args.settle,
+        settle_s=args.settle, qgs_socket=_optional(args.qgs_socket), qemu=_optional(args.qemu),
+        virsh=_optional(args.virsh), domcapabilities=args.domcapabilities,
     )
     return args.server, args.token, config
 
@@ -132,7 +159,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = _parser().parse_args(argv)
         if args.command == "probe":
-            print(json.dumps(probe(_root(args.root), args.kernel_log), indent=2))
+            root = _root(args.root)
+            report = probe(root, args.kernel_log, _optional(args.qgs_socket), _vmm(args, root))
+            print(json.dumps(report, indent=2))
             return 0
         return _run(args)
     except UsageError as exc:

@@ -25,6 +25,7 @@ from service.hosts.schemas import (
 )
 from service.openapi import problems, roles
 from service.pagination import Page, PageParams
+from service.policy.versions import VERSION_PATTERN, version_key
 from service.schemas import LABEL_KEY_PATTERN, LABEL_VALUE_PATTERN, Name
 
 # label=key=value, both parts as in a host's labels (hosts without the label do not match).
@@ -84,12 +85,26 @@ async def list_hosts(
     tdx_state: TdxState | None = Query(None),
     schedulable: bool | None = Query(None),
     label: list[LabelFilter] | None = Query(None, max_length=20),
+    tdx_module_below: str | None = Query(
+        None, max_length=64, pattern=VERSION_PATTERN,
+        description="hosts whose TDX module version is known and lower (e.g. 1.5.10)",
+    ),
     page: PageParams = Depends(),
     principal: Principal = Depends(current_principal),
 ) -> Page[HostOut]:
     principal.require("admin", "reader")
     ctx = get_context(request)
-    filters = service.HostFilters(tdx_state=tdx_state, schedulable=schedulable, labels=_parse_label_filters(label))
+    below = None
+    if tdx_module_below is not None:
+        below = version_key(tdx_module_below)
+        if below is None:
+            raise ProblemError(
+                422, "validation_error", f"tdx_module_below {tdx_module_below!r} is not a dotted numeric version",
+                errors=[{"loc": ["query", "tdx_module_below"], "msg": "expected a version like 1.5.10"}],
+            )
+    filters = service.HostFilters(
+        tdx_state=tdx_state, schedulable=schedulable, labels=_parse_label_filters(label), tdx_module_below=below
+    )
     after = page.after()
     if after is not None and not isinstance(after, str):
         raise ProblemError(400, "invalid_cursor", "cursor is not one this server issued")

@@ -6,11 +6,11 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StringConstraints, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StringConstraints, model_validator
 from pydantic.json_schema import SkipJsonSchema
 
 from service.hosts.readiness import KernelLog, TdxState
-from service.schemas import TEXT_PATTERN, Count, Flag, Labels, MiB, Name, PositiveCount, StrictModel
+from service.schemas import TEXT_PATTERN, Count, Flag, IntegralFloat, Labels, MiB, Name, PositiveCount, StrictModel
 
 # Strict: the string "4" is refused (an integer such as 4 is a number, and accepted).
 Ratio = Annotated[StrictFloat, Field(gt=0, le=64)]
@@ -71,6 +71,7 @@ class HostPatch(StrictModel):
 LogLine = Annotated[str, StringConstraints(max_length=2000, pattern=TEXT_PATTERN)]
 BootId = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9-]+$")]
 ModuleVersion = Annotated[str, StringConstraints(max_length=64, pattern=TEXT_PATTERN)]
+VmmTdx = Literal["supported", "unsupported", "unknown"]
 
 
 class LoadReport(StrictModel):
@@ -117,6 +118,8 @@ class LoadReport(StrictModel):
     kernel_log: Literal["complete", "rotated", "unreadable"] | None = None
     # /sys/devices/system/cpu/present: a TD gets at most this many vCPUs.
     present_cpus: PositiveCount | None = None
+    # "virt/tdx: N KB allocated for PAMT" of this boot; null: not in the kernel log.
+    pamt_kb: Annotated[StrictInt, Field(ge=0, le=2**50), IntegralFloat] | None = None
 
 
 class Heartbeat(StrictModel):
@@ -137,6 +140,11 @@ class Heartbeat(StrictModel):
     module_healthy: Flag | None = None
     # What the kernel command line and modprobe.d ask for at the next kvm_intel load.
     tdx_configured: Flag | None = None
+    # The quote generation service answered a connect (null: not checked).
+    attestation_ready: Flag | None = None
+    # The VMM's TDX support (QEMU version, libvirt domain capabilities) and what it was seen from.
+    vmm_tdx: VmmTdx | None = None
+    vmm_detail: Annotated[str, StringConstraints(max_length=255)] | None = None
 
 
 class TdxOut(BaseModel):
@@ -160,6 +168,16 @@ class TdxOut(BaseModel):
     # e.g. "opt-in configured: takes effect at the next kvm_intel load", while configured and the
     # current load differ.
     next_load: str | None
+    # Memory the TDX module's PAMT took this boot (never schedulable), as the kernel logged it; 0
+    # when the load's kernel log did not say (see the load's pamt_kb).
+    pamt_mib: int
+    # TDs placed here and not yet running (at most the policy's max_td_builds_per_host).
+    tds_building: int
+    # The quote generation service answered the latest heartbeat's check; null: not checked.
+    attestation_ready: bool | None
+    # The VMM's TDX support as the agent sees it, and from what.
+    vmm: VmmTdx | None
+    vmm_detail: str | None
 
 
 class LoadRef(BaseModel):
@@ -171,6 +189,7 @@ class LoadRef(BaseModel):
 
 class UsageOut(BaseModel):
     vcpus: int
+    # Including each TD's overhead charged at its placement.
     memory_mib: int
     vms: int
 
@@ -213,6 +232,7 @@ class LoadOut(BaseModel):
     kvm_tdx: bool | None
     kernel_log: KernelLog | None
     present_cpus: int | None
+    pamt_kb: int | None
     tdx_state: TdxState
     tdx_reason: str | None
     tdx_reason_code: str | None

@@ -46,6 +46,7 @@ from service.hosts.schemas import (
 )
 from service.models import Host, HostLabel, Load
 from service.pagination import Page, encode_cursor
+from service.policy.versions import version_key
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +54,8 @@ class HostFilters:
     tdx_state: TdxState | None = None
     schedulable: bool | None = None
     labels: tuple[tuple[str, str], ...] = ()
+    # Hosts whose TDX module version is known and lower than this version's key (hosts to update).
+    tdx_module_below: str | None = None
 
 
 def is_alive(last_heartbeat_at: datetime | None, now: datetime, timeout_s: float) -> bool:
@@ -77,6 +80,14 @@ def next_load_note(configured: bool | None, load: Load | None) -> str | None:
 def keyids_free(host: Host) -> int:
     """KeyIDs a placement may still take: total - max(claimed, observed in use)."""
     return max(host.keyids_total - max(host.used_keyids, host.keyids_observed_in_use or 0), 0)
+
+
+def pamt_mib_of(pamt_kb: int | None) -> int:
+    """The PAMT the TDX module holds this boot, as the kernel logged it, rounded up to MiB. The line
+    is the boot's (on 7.1+ the module, and its PAMT, are set up at boot whatever kvm_intel.tdx says;
+    on 6.16-7.0 at the first load with tdx=1, and kept for the boot), so it counts whatever the
+    host's TDX state."""
+    return 0 if pamt_kb is None else -(-pamt_kb // 1024)
 
 
 def host_out(host: Host, load: Load | None, now: datetime, timeout_s: float) -> HostOut:
@@ -106,6 +117,11 @@ def host_out(host: Host, load: Load | None, now: datetime, timeout_s: float) -> 
             module_healthy=host.module_healthy,
             configured=host.tdx_configured,
             next_load=next_load_note(host.tdx_configured, load),
+            pamt_mib=host.pamt_mib,
+            tds_building=host.tds_building,
+            attestation_ready=host.attestation_ready,
+            vmm=host.vmm_tdx,
+            vmm_detail=host.vmm_detail,
         ),
         load=(
             LoadRef(id=load.id, boot_id=load.boot_id, kernel=load.kernel, reported_at=as_utc(load.reported_at))
@@ -140,7 +156,7 @@ def get_host_row(session: Session, name: str, *, for_update: bool = False) -> Ho
 
 
 def _free_memory(host: Host) -> int:
-    return host.memory_mib - host.reserved_memory_mib - host.used_memory_mib
+    return host.memory_mib - host.reserved_memory_mib - host.pamt_mib - host.used_memory_mib
 
 
 def _touch(host: Host) -> None:
@@ -177,6 +193,8 @@ def create_host(session: Session, body: HostCreate, default_cpu_ratio: float) ->
         used_memory_mib=0,
         used_keyids=0,
         vm_count=0,
+        pamt_mib=0,
+        tds_building=0,
         generation=1,
         created_at=now,
         updated_at=now,
@@ -224,6 +242,7 @@ def register_hosts(session: Session, items: list[HostRegistration], default_cpu_
         memory = load.memory_mib if load is not None and load.memory_mib is not None else item.memory_mib
         reserved_memory = min(item.reserved_memory_mib, memory)
         state = readiness.state if readiness is not None else TdxState.UNKNOWN
+        pamt = pamt_mib_of(load.pamt_kb) if load is not None else 0
         host_rows.append(
             {
                 "id": host_id, "name": item.name, "labels": dict(item.labels), "vcpus": vcpus,
@@ -237,7 +256,10 @@ def register_hosts(session: Session, items: list[HostRegistration], default_cpu_
                 "keyids_total": load.keyids_total if load is not None else 0,
                 "present_cpus": load.present_cpus if load is not None else None,
                 "used_vcpus": 0, "used_memory_mib": 0, "used_keyids": 0, "vm_count": 0,
-                "free_memory_mib": memory - reserved_memory,
+                "pamt_mib": pamt, "tds_building": 0,
+                "module_version": load.module_version if load is not None else None,
+                "tdx_module_key": version_key(load.module_version) if load is not None else None,
+                "free_memory_mib": memory - reserved_memory - pamt,
                 # As if created (generation 1) and then given its load (bumped once).
                 "generation": 2 if load is not None else 1,
                 "last_heartbeat_at": now if load is not None else None,
@@ -277,6 +299,8 @@ def list_hosts(
         query = query.where(
             exists().where(HostLabel.host_id == Host.id, HostLabel.key == key, HostLabel.value == value)
         )
+    if filters.tdx_module_below is not None:
+        query = query.where(Host.tdx_module_key < filters.tdx_module_below)
     if after is not None:
         query = query.where(Host.name > after)
     rows = session.execute(query.order_by(Host.name).limit(limit + 1)).all()
@@ -335,6 +359,17 @@ def patch_host(session: Session, name: str, body: HostPatch, if_match: str | Non
     return host
 
 
+def set_schedulable(session: Session, host: Host, schedulable: bool, reason: str) -> None:
+    """Cordon or uncordon a locked host on behalf of an operation: the same row change and events
+    as a PATCH of ``schedulable``."""
+    if host.schedulable == schedulable:
+        return
+    host.schedulable = schedulable
+    _touch(host)
+    emit(session, "host.updated", host.name, {"changed": ["schedulable"], "generation": host.generation, "by": reason})
+    emit(session, "host.uncordoned" if schedulable else "host.cordoned", host.name, {"by": reason})
+
+
 def drain_host(session: Session, name: str) -> Host:
     host = get_host_row(session, name, for_update=True)
     if not host.draining:
@@ -370,6 +405,7 @@ def _facts(body: LoadReport) -> LoadFacts:
 _IMMUTABLE_FACTS = (
     "boot_id", "kernel", "kvm_intel_loaded", "tdx_platform", "tdx_requested", "tdx_effective",
     "keyids_total", "module_version", "errors", "vcpus", "memory_mib", "kvm_tdx", "kernel_log", "present_cpus",
+    "pamt_kb",
 )
 
 
@@ -430,6 +466,7 @@ def report_load(session: Session, name: str, body: LoadReport) -> tuple[Host, bo
         # The TDX module was set up afresh at boot: what heartbeats saw of the old one is void.
         host.module_healthy = None
         host.module_version = None
+        host.tdx_module_key = None
 
     previous_state = host.tdx_state
     readiness = with_module_health(load_readiness, host.module_healthy)
@@ -443,6 +480,10 @@ def report_load(session: Session, name: str, body: LoadReport) -> tuple[Host, bo
     if body.memory_mib is not None:
         host.memory_mib = body.memory_mib
         host.reserved_memory_mib = min(host.reserved_memory_mib, host.memory_mib)
+    host.pamt_mib = pamt_mib_of(body.pamt_kb)
+    if host.module_version is None and body.module_version is not None:
+        host.module_version = body.module_version
+        host.tdx_module_key = version_key(body.module_version)
     host.last_heartbeat_at = now
     _touch(host)
     _emit_load_events(session, host.name, body, kind, previous_state, readiness)
@@ -523,20 +564,56 @@ def heartbeat(session: Session, name: str, body: Heartbeat, timeout_s: float) ->
     # makes a concurrent claim or an operator's If-Match fail (unless the TDX module's health
     # changes the host's TDX state, below).
     host.last_heartbeat_at = now
-    if body.keyids_in_use is not None:
-        host.keyids_observed_in_use = body.keyids_in_use
     if body.running_vms is not None:
         host.vms_observed_running = len(body.running_vms)
-    if "module_version" in sent:
-        host.module_version = body.module_version
     if "tdx_configured" in sent:
         host.tdx_configured = body.tdx_configured
+    _observe(session, host, body, sent)
     if health_changed:
         host.module_healthy = body.module_healthy
         _module_health_changed(session, host, current, now)
     if not was_alive:
         emit(session, "host.alive", host.name, {"load_id": str(current.id)})
     return host
+
+
+def _observe(session: Session, host: Host, body: Heartbeat, sent: set[str]) -> None:
+    """Record the heartbeat's observations. One that can make the host take VMs it could not take
+    before (its TDX module updated, its quote generation service back, KeyIDs freed outside the
+    control plane, its VMM able to build TDs) is an event, and events of these kinds wake the
+    pending queue; a heartbeat that changes nothing wakes nothing."""
+    if "module_version" in sent and body.module_version != host.module_version:
+        if body.module_version is not None:  # a version that went away is module health's business
+            emit(
+                session, "host.module_version_changed", host.name,
+                {"from": host.module_version, "to": body.module_version},
+            )
+        host.module_version = body.module_version
+        host.tdx_module_key = version_key(body.module_version)
+    if "attestation_ready" in sent and body.attestation_ready != host.attestation_ready:
+        emit(
+            session, "host.attestation_changed", host.name,
+            {"from": host.attestation_ready, "to": body.attestation_ready},
+        )
+        host.attestation_ready = body.attestation_ready
+    if "vmm_tdx" in sent and (body.vmm_tdx, body.vmm_detail) != (host.vmm_tdx, host.vmm_detail):
+        if body.vmm_tdx != host.vmm_tdx:
+            emit(
+                session, "host.vmm_changed", host.name,
+                {"from": host.vmm_tdx, "to": body.vmm_tdx, "detail": body.vmm_detail},
+            )
+        host.vmm_tdx = body.vmm_tdx
+        host.vmm_detail = body.vmm_detail
+    if body.keyids_in_use is not None:
+        before = keyids_free(host)
+        previous = host.keyids_observed_in_use
+        host.keyids_observed_in_use = body.keyids_in_use
+        after = keyids_free(host)
+        if after > before and host.tdx_state == TdxState.READY.value:
+            emit(
+                session, "host.keyids_freed", host.name,
+                {"observed_in_use": {"from": previous, "to": body.keyids_in_use}, "keyids_free": after},
+            )
 
 
 def _module_health_changed(session: Session, host: Host, load: Load, now: datetime) -> None:

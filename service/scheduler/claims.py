@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 from service.clock import utcnow
 from service.models import Host, UTCDateTime
 from service.scheduler.filters import keyids_in_use_sql, td_vcpu_limit_sql, vcpu_limit_sql
-from service.scheduler.types import HostView, VmRequest
+from service.scheduler.types import Context, HostView, VmRequest, memory_charge
 
 # Built once; the values are bound per call (building the statement costs more than running it).
 _CLAIM = (
@@ -39,12 +39,18 @@ _CLAIM = (
             bindparam("need_keyids", type_=Integer) == 0,
             keyids_in_use_sql() + bindparam("need_keyids", type_=Integer) <= Host.keyids_total,
         ),
+        # A TD build slot (the policy's TDs per host in scheduled at once).
+        or_(
+            bindparam("need_builds", type_=Integer) == 0,
+            Host.tds_building + bindparam("need_builds", type_=Integer) <= bindparam("max_builds", type_=Integer),
+        ),
     )
     .values(
         used_vcpus=Host.used_vcpus + bindparam("need_vcpus", type_=Integer),
         used_memory_mib=Host.used_memory_mib + bindparam("need_memory_mib", type_=BigInteger),
         free_memory_mib=Host.free_memory_mib - bindparam("need_memory_mib", type_=BigInteger),
         used_keyids=Host.used_keyids + bindparam("need_keyids", type_=Integer),
+        tds_building=Host.tds_building + bindparam("need_builds", type_=Integer),
         vm_count=Host.vm_count + 1,
         generation=Host.generation + 1,
         updated_at=bindparam("now", type_=UTCDateTime),
@@ -52,7 +58,9 @@ _CLAIM = (
 )
 
 
-def try_claim(session: Session, host: HostView, req: VmRequest) -> bool:
+def try_claim(session: Session, host: HostView, req: VmRequest, ctx: Context) -> bool:
+    """Claim ``req``'s resources on ``host`` (its memory charge includes the policy's per-TD
+    overhead, and a TD takes a build slot), or change nothing."""
     conn = session.connection()
     savepoint = conn.dialect.name == "postgresql"
     if savepoint:
@@ -63,8 +71,10 @@ def try_claim(session: Session, host: HostView, req: VmRequest) -> bool:
             "host_id": host.id,
             "seen_generation": host.generation,
             "need_vcpus": req.vcpus,
-            "need_memory_mib": req.memory_mib,
+            "need_memory_mib": memory_charge(req, ctx.policy),
             "need_keyids": req.keyids,
+            "need_builds": 1 if req.tdx else 0,
+            "max_builds": ctx.policy.max_td_builds_per_host,
             "need_td_vcpus": req.vcpus if req.tdx else 0,
             "now": utcnow(),
         },
@@ -75,7 +85,11 @@ def try_claim(session: Session, host: HostView, req: VmRequest) -> bool:
     return won
 
 
-def release(session: Session, host_id: uuid.UUID, vcpus: int, memory_mib: int, keyids: int) -> None:
+def release(
+    session: Session, host_id: uuid.UUID, vcpus: int, memory_mib: int, keyids: int, builds: int = 0
+) -> None:
+    """Give a VM's claim back (``memory_mib`` as charged: with its overhead; ``builds``: 1 for a TD
+    that was still being built)."""
     session.execute(
         update(Host)
         .where(Host.id == host_id)
@@ -84,9 +98,21 @@ def release(session: Session, host_id: uuid.UUID, vcpus: int, memory_mib: int, k
             used_memory_mib=Host.used_memory_mib - memory_mib,
             free_memory_mib=Host.free_memory_mib + memory_mib,
             used_keyids=Host.used_keyids - keyids,
+            tds_building=Host.tds_building - builds,
             vm_count=Host.vm_count - 1,
             generation=Host.generation + 1,
             updated_at=utcnow(),
         )
+        .execution_options(synchronize_session=False)
+    )
+
+
+def finish_build(session: Session, host_id: uuid.UUID) -> None:
+    """A TD placed on ``host_id`` is running: its build slot is free. Not a change of what the host
+    offers a scheduler racing on its generation, only of the build count the claim checks itself."""
+    session.execute(
+        update(Host)
+        .where(Host.id == host_id)
+        .values(tds_building=Host.tds_building - 1, updated_at=utcnow())
         .execution_options(synchronize_session=False)
     )

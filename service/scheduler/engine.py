@@ -22,7 +22,7 @@ from service.hosts.readiness import TdxState
 from service.models import Host, UTCDateTime
 from service.scheduler.claims import try_claim
 from service.scheduler.filters import all_rejections
-from service.scheduler.types import Context, HostView, VmRequest
+from service.scheduler.types import Context, HostView, Policy, VmRequest
 from service.scheduler.weighers import Weighted, score
 
 # States whose hosts may run a VM of each kind (failed hosts only while kvm_intel is loaded).
@@ -54,6 +54,11 @@ _HOST_COLUMNS = (
     Host.generation,
     Host.present_cpus,
     Host.keyids_observed_in_use,
+    Host.tdx_module_key,
+    Host.attestation_ready,
+    Host.vmm_tdx,
+    Host.pamt_mib,
+    Host.tds_building,
 )
 
 
@@ -100,17 +105,33 @@ def _build_shortlist(req: VmRequest, ctx: Context, cfg: SchedulerConfig) -> Exec
 
 # Shortlist statements are built once per request shape, with the request's values as bound
 # parameters: building the expression tree and its cache key cost far more than running it.
-_ShapeKey = tuple[bool, str, int, int, bool]
+_ShapeKey = tuple[bool, str, int, int, bool, bool, bool]
 _shortlists: dict[_ShapeKey, Executable] = {}
-_TEMPLATE_CTX = Context(alive_after=bindparam("alive_after", type_=UTCDateTime))  # type: ignore[arg-type]
 
 
-def _shape(req: VmRequest, cfg: SchedulerConfig) -> _ShapeKey:
-    return (req.tdx, cfg.policy, cfg.candidate_limit, len(req.selector), req.anti_affinity_group is not None)
+def _template_ctx(floor: bool) -> Context:
+    policy = Policy(
+        min_module_key=bindparam("min_module_key", type_=String) if floor else None,  # type: ignore[arg-type]
+        max_td_builds_per_host=bindparam("max_td_builds", type_=Integer),  # type: ignore[arg-type]
+        td_memory_overhead_mib=bindparam("td_overhead", type_=BigInteger),  # type: ignore[arg-type]
+    )
+    return Context(alive_after=bindparam("alive_after", type_=UTCDateTime), policy=policy)  # type: ignore[arg-type]
+
+
+def _shape(req: VmRequest, ctx: Context, cfg: SchedulerConfig) -> _ShapeKey:
+    return (
+        req.tdx, cfg.policy, cfg.candidate_limit, len(req.selector), req.anti_affinity_group is not None,
+        req.attestation, ctx.policy.min_module_key is not None,
+    )
 
 
 def _shortlist_params(req: VmRequest, ctx: Context) -> dict[str, object]:
     params: dict[str, object] = {"vcpus": req.vcpus, "memory_mib": req.memory_mib, "alive_after": ctx.alive_after}
+    if req.tdx:
+        params["max_td_builds"] = ctx.policy.max_td_builds_per_host
+        params["td_overhead"] = ctx.policy.td_memory_overhead_mib
+        if ctx.policy.min_module_key is not None:
+            params["min_module_key"] = ctx.policy.min_module_key
     if req.anti_affinity_group is not None:
         params["group"] = req.anti_affinity_group
     for i, (key, value) in enumerate(req.selector):
@@ -119,8 +140,8 @@ def _shortlist_params(req: VmRequest, ctx: Context) -> dict[str, object]:
     return params
 
 
-def _cached_shortlist(req: VmRequest, cfg: SchedulerConfig) -> Executable:
-    shape = _shape(req, cfg)
+def _cached_shortlist(req: VmRequest, ctx: Context, cfg: SchedulerConfig) -> Executable:
+    shape = _shape(req, ctx, cfg)
     stmt = _shortlists.get(shape)
     if stmt is None:
         template = VmRequest(
@@ -132,8 +153,9 @@ def _cached_shortlist(req: VmRequest, cfg: SchedulerConfig) -> Executable:
                 for i in range(len(req.selector))
             ),
             anti_affinity_group=None if req.anti_affinity_group is None else bindparam("group", type_=String),  # type: ignore[arg-type]
+            attestation=req.attestation,
         )
-        stmt = _build_shortlist(template, _TEMPLATE_CTX, cfg)
+        stmt = _build_shortlist(template, _template_ctx(ctx.policy.min_module_key is not None), cfg)
         _shortlists[shape] = stmt
     return stmt
 
@@ -141,7 +163,7 @@ def _cached_shortlist(req: VmRequest, cfg: SchedulerConfig) -> Executable:
 def shortlist(session: Session, req: VmRequest, ctx: Context, cfg: SchedulerConfig) -> list[HostView]:
     if session.new or session.dirty or session.deleted:
         session.flush()  # what autoflush would do: the query sees this transaction's pending changes
-    rows = session.connection().execute(_cached_shortlist(req, cfg), _shortlist_params(req, ctx)).all()
+    rows = session.connection().execute(_cached_shortlist(req, ctx, cfg), _shortlist_params(req, ctx)).all()
     return [_view(row) for row in rows]
 
 
@@ -170,7 +192,7 @@ def place(
         if not ranked:
             break
         for cand in ranked:
-            if try_claim(session, cand.host, req):
+            if try_claim(session, cand.host, req, ctx):
                 return Placement(cand.host, conflicts, tuple(ranked))
             conflicts += 1
     return Placement(None, conflicts, tuple(ranked))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from sqlalchemy import case, func, literal, select
+from sqlalchemy import case, false, func, literal, select
 from sqlalchemy.orm import Session
 
 from service.models import Host
@@ -16,7 +16,7 @@ from service.scheduler.filters import (
     td_vcpu_limit_sql,
     vcpu_limit_sql,
 )
-from service.scheduler.types import Context, VmRequest
+from service.scheduler.types import Context, Policy, VmRequest, memory_charge
 
 FITS = "fits"
 
@@ -28,7 +28,11 @@ _GLOSS: Mapping[str, str] = {
     "keyids_exhausted": "every TDX KeyID in use",
     "td_vcpus_exceed_host": "a TD gets at most the host's CPUs",
     "host_stale": "no recent heartbeat",
+    "vmm_tdx_unsupported": "QEMU/libvirt without TDX",
+    "attestation_unavailable": "quote generation service not answering",
 }
+# How many module versions an explanation names.
+_VERSIONS_SHOWN = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +48,19 @@ class ReasonCounts:
     # (total, claimed, observed in use) of the host with the most free KeyIDs among those blamed
     # on keyids_exhausted.
     keyids_example: tuple[int, int, int | None] | None = None
+    # (free memory, PAMT) of the host with the most free memory among those blamed on insufficient_memory.
+    memory_example: tuple[int, int] | None = None
+    # The fewest TDs building on a host blamed on td_build_burst.
+    fewest_building: int | None = None
+    # Module versions of the hosts blamed on tdx_module_too_old ("unknown" for none), a few.
+    module_versions: tuple[str, ...] = ()
+    # Hosts blamed on attestation_unavailable whose QGS did not answer (the others were not checked).
+    attestation_down: int | None = None
+    # One VMM detail among the hosts blamed on vmm_tdx_unsupported (e.g. "QEMU 9.2.0").
+    vmm_example: str | None = None
+    policy_floor: str | None = None
+    max_td_builds: int | None = None
+    td_overhead_mib: int = 0
     details: dict[str, str] = field(default_factory=dict)
 
 
@@ -62,6 +79,9 @@ def count_reasons(session: Session, req: VmRequest, ctx: Context) -> ReasonCount
             func.max(Host.free_memory_mib),
             func.max(vcpu_limit_sql() - Host.used_vcpus),
             func.max(td_vcpu_limit_sql()),
+            func.min(Host.tds_building),
+            func.sum(case((Host.attestation_ready == false(), 1), else_=0)),
+            func.max(Host.vmm_detail),
         ).group_by(reason)
     ).all()
     counts: dict[str, int] = {}
@@ -69,7 +89,10 @@ def count_reasons(session: Session, req: VmRequest, ctx: Context) -> ReasonCount
     most_mem: int | None = None
     most_vcpus: float | None = None
     most_td_vcpus: int | None = None
-    for code, n, max_mem, max_vcpus, max_td_vcpus in rows:
+    fewest_building: int | None = None
+    attestation_down: int | None = None
+    vmm_example: str | None = None
+    for code, n, max_mem, max_vcpus, max_td_vcpus, min_building, qgs_down, vmm_detail in rows:
         if code == FITS:
             fits = int(n)
             continue
@@ -80,6 +103,12 @@ def count_reasons(session: Session, req: VmRequest, ctx: Context) -> ReasonCount
             most_vcpus = float(max_vcpus)
         elif code == "td_vcpus_exceed_host":
             most_td_vcpus = int(max_td_vcpus)
+        elif code == "td_build_burst":
+            fewest_building = int(min_building)
+        elif code == "attestation_unavailable":
+            attestation_down = int(qgs_down or 0)
+        elif code == "vmm_tdx_unsupported":
+            vmm_example = vmm_detail
     example = None
     if "keyids_exhausted" in counts:
         row = session.execute(
@@ -90,6 +119,28 @@ def count_reasons(session: Session, req: VmRequest, ctx: Context) -> ReasonCount
         ).first()
         if row is not None:
             example = (int(row[0]), int(row[1]), None if row[2] is None else int(row[2]))
+    memory_example = None
+    if "insufficient_memory" in counts:
+        mem_row = session.execute(
+            select(Host.free_memory_mib, Host.pamt_mib)
+            .where(reason_expr == "insufficient_memory")
+            .order_by(Host.free_memory_mib.desc())
+            .limit(1)
+        ).first()
+        if mem_row is not None:
+            memory_example = (int(mem_row[0]), int(mem_row[1]))
+    versions: tuple[str, ...] = ()
+    if "tdx_module_too_old" in counts:
+        found = session.execute(
+            select(Host.module_version, Host.tdx_module_key)
+            .where(reason_expr == "tdx_module_too_old")
+            .group_by(Host.module_version, Host.tdx_module_key)
+            .order_by(Host.tdx_module_key.desc())
+            .limit(_VERSIONS_SHOWN + 1)
+        ).all()
+        known = sorted({str(v) for v, key in found if v is not None and key is not None}, key=_version_order)
+        unknown = ["unknown"] if any(key is None for _, key in found) else []
+        versions = tuple(known + unknown)
     return ReasonCounts(
         considered=fits + sum(counts.values()),
         fits=fits,
@@ -98,12 +149,47 @@ def count_reasons(session: Session, req: VmRequest, ctx: Context) -> ReasonCount
         most_free_vcpus=most_vcpus,
         most_td_vcpus=most_td_vcpus,
         keyids_example=example,
+        memory_example=memory_example,
+        fewest_building=fewest_building,
+        module_versions=versions,
+        attestation_down=attestation_down,
+        vmm_example=vmm_example,
+        policy_floor=ctx.policy.min_module_version,
+        max_td_builds=ctx.policy.max_td_builds_per_host,
+        td_overhead_mib=ctx.policy.td_memory_overhead_mib if req.tdx else 0,
     )
+
+
+def _version_order(version: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in version.strip().split(".") if p.isdigit())
 
 
 def _gloss(code: str, req: VmRequest, rc: ReasonCounts) -> str:
     if code == "insufficient_memory" and rc.most_free_memory_mib is not None:
-        return f"needs {req.memory_mib} MiB, most free {max(rc.most_free_memory_mib, 0)} MiB"
+        need = f"{req.memory_mib} MiB"
+        if rc.td_overhead_mib:
+            charge = memory_charge(req, _policy(rc))
+            need = f"{req.memory_mib} MiB + {rc.td_overhead_mib} MiB TD overhead = {charge} MiB"
+        free = max(rc.most_free_memory_mib, 0)
+        pamt = rc.memory_example[1] if rc.memory_example is not None else 0
+        after = f" after {pamt} MiB PAMT" if pamt else ""
+        return f"needs {need}, most free {free} MiB{after}"
+    if code == "tdx_module_too_old":
+        hosts = ", ".join(rc.module_versions[:_VERSIONS_SHOWN]) or "unknown"
+        more = ", ..." if len(rc.module_versions) > _VERSIONS_SHOWN else ""
+        return f"floor {rc.policy_floor}, hosts at {hosts}{more}"
+    if code == "td_build_burst" and rc.fewest_building is not None:
+        return f"{rc.fewest_building}/{rc.max_td_builds} TDs building"
+    if code == "attestation_unavailable" and rc.attestation_down is not None:
+        n = rc.counts.get(code, 0)
+        parts = []
+        if rc.attestation_down:
+            parts.append(f"{rc.attestation_down} not answering")
+        if n - rc.attestation_down:
+            parts.append(f"{n - rc.attestation_down} not checked")
+        return "quote generation service: " + ", ".join(parts)
+    if code == "vmm_tdx_unsupported" and rc.vmm_example:
+        return f"QEMU/libvirt without TDX, e.g. {rc.vmm_example}"
     if code == "insufficient_vcpus" and rc.most_free_vcpus is not None:
         return f"needs {req.vcpus} vCPUs, most free {max(int(rc.most_free_vcpus), 0)}"
     if code == "td_vcpus_exceed_host" and rc.most_td_vcpus is not None:
@@ -120,6 +206,10 @@ def _gloss(code: str, req: VmRequest, rc: ReasonCounts) -> str:
     if code == "anti_affinity" and req.anti_affinity_group:
         return f"group {req.anti_affinity_group} already there"
     return _GLOSS.get(code, "")
+
+
+def _policy(rc: ReasonCounts) -> Policy:
+    return Policy(td_memory_overhead_mib=rc.td_overhead_mib)
 
 
 def explanation(req: VmRequest, rc: ReasonCounts, placed: int = 0) -> str:

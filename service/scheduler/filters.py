@@ -17,7 +17,7 @@ from sqlalchemy.sql.expression import literal
 
 from service.hosts.readiness import TdxState
 from service.models import ACTIVE_VM_STATUSES, Host, HostLabel, Vm
-from service.scheduler.types import Context, HostView, VmRequest
+from service.scheduler.types import Context, HostView, VmRequest, memory_charge
 
 Rejection = tuple[str, ColumnElement[bool]]
 
@@ -96,6 +96,60 @@ class AdminStateFilter:
         return [("host_cordoned", Host.schedulable == false()), ("host_draining", Host.draining == literal(True))]
 
 
+class TdxModuleFloorFilter:
+    """The fleet's TDX module floor (policy ``tdx_min_module_version``): while one is set, a TD goes
+    only to a host whose module version is known and at least the floor (dotted numeric order, on
+    the host's sortable version key)."""
+
+    codes: ClassVar[tuple[str, ...]] = ("tdx_module_too_old",)
+
+    def check(self, host: HostView, req: VmRequest, ctx: Context) -> str | None:
+        floor = ctx.policy.min_module_key
+        if req.tdx and floor is not None and (host.tdx_module_key is None or host.tdx_module_key < floor):
+            return "tdx_module_too_old"
+        return None
+
+    def rejects(self, req: VmRequest, ctx: Context) -> Sequence[Rejection]:
+        floor = ctx.policy.min_module_key
+        if not req.tdx or floor is None:
+            return []
+        return [("tdx_module_too_old", or_(Host.tdx_module_key.is_(None), Host.tdx_module_key < floor))]
+
+
+class VmmFilter:
+    """A TD needs a VMM that can build one (QEMU 10.1+, libvirt listing TDX): hosts whose agent
+    reports it unsupported are skipped; unknown is given the benefit of the doubt."""
+
+    codes: ClassVar[tuple[str, ...]] = ("vmm_tdx_unsupported",)
+
+    def check(self, host: HostView, req: VmRequest, ctx: Context) -> str | None:
+        if req.tdx and host.vmm_tdx == "unsupported":
+            return "vmm_tdx_unsupported"
+        return None
+
+    def rejects(self, req: VmRequest, ctx: Context) -> Sequence[Rejection]:
+        if not req.tdx:
+            return []
+        return [("vmm_tdx_unsupported", func.coalesce(Host.vmm_tdx, "") == "unsupported")]
+
+
+class AttestationFilter:
+    """A VM asking for attestation goes only where the host's latest heartbeat saw its quote
+    generation service answer."""
+
+    codes: ClassVar[tuple[str, ...]] = ("attestation_unavailable",)
+
+    def check(self, host: HostView, req: VmRequest, ctx: Context) -> str | None:
+        if req.attestation and host.attestation_ready is not True:
+            return "attestation_unavailable"
+        return None
+
+    def rejects(self, req: VmRequest, ctx: Context) -> Sequence[Rejection]:
+        if not req.attestation:
+            return []
+        return [("attestation_unavailable", func.coalesce(Host.attestation_ready, false()) == false())]
+
+
 def td_vcpu_limit_sql() -> ColumnElement[Any]:
     return func.coalesce(Host.present_cpus, Host.vcpus)
 
@@ -158,17 +212,36 @@ class VcpuFilter:
 
 
 class MemoryFilter:
-    """A trust domain's memory is private: memory is never over-committed, for any VM."""
+    """A trust domain's memory is private: memory is never over-committed, for any VM. A TD is
+    charged the policy's per-TD overhead on top; the host's PAMT is never free."""
 
     codes: ClassVar[tuple[str, ...]] = ("insufficient_memory",)
 
     def check(self, host: HostView, req: VmRequest, ctx: Context) -> str | None:
-        if req.memory_mib > host.free_memory_mib:
+        if memory_charge(req, ctx.policy) > host.free_memory_mib:
             return "insufficient_memory"
         return None
 
     def rejects(self, req: VmRequest, ctx: Context) -> Sequence[Rejection]:
-        return [("insufficient_memory", Host.free_memory_mib < req.memory_mib)]
+        return [("insufficient_memory", Host.free_memory_mib < memory_charge(req, ctx.policy))]
+
+
+class TdBuildBurstFilter:
+    """At most ``max_td_builds_per_host`` TDs per host in ``scheduled`` (placed, not yet running):
+    building a TD (adding and measuring its private pages) is heavy, and a burst of builds on one
+    host slows every one of them. A TD turning running frees a slot."""
+
+    codes: ClassVar[tuple[str, ...]] = ("td_build_burst",)
+
+    def check(self, host: HostView, req: VmRequest, ctx: Context) -> str | None:
+        if req.tdx and host.tds_building >= ctx.policy.max_td_builds_per_host:
+            return "td_build_burst"
+        return None
+
+    def rejects(self, req: VmRequest, ctx: Context) -> Sequence[Rejection]:
+        if not req.tdx:
+            return []
+        return [("td_build_burst", Host.tds_building >= ctx.policy.max_td_builds_per_host)]
 
 
 class SelectorFilter:
@@ -231,10 +304,14 @@ FILTERS: tuple[Filter, ...] = (
     TdxReadinessFilter(),
     LivenessFilter(),
     AdminStateFilter(),
+    TdxModuleFloorFilter(),
+    VmmFilter(),
+    AttestationFilter(),
     TdVcpuFilter(),
     KeyIdFilter(),
     VcpuFilter(),
     MemoryFilter(),
+    TdBuildBurstFilter(),
     SelectorFilter(),
     AntiAffinityFilter(),
 )

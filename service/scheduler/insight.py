@@ -15,13 +15,15 @@ from service.models import Host
 from service.scheduler.engine import PLAIN_STATES, TDX_STATES, SchedulerConfig, rank, shortlist
 from service.scheduler.explain import count_reasons, explanation
 from service.scheduler.filters import keyids_in_use_sql, td_vcpu_limit_sql, vcpu_limit_sql
-from service.scheduler.types import VmRequest
+from service.scheduler.types import Policy, VmRequest, memory_charge
 from service.vms.schemas import CandidateOut, CapacityOut, FitOut, PreviewOut, StateCapacity
 from service.vms.service import placement_context
 
 
-def preview(session: Session, req: VmRequest, cfg: SchedulerConfig, heartbeat_timeout_s: float) -> PreviewOut:
-    ctx = placement_context(utcnow(), heartbeat_timeout_s)
+def preview(
+    session: Session, req: VmRequest, cfg: SchedulerConfig, heartbeat_timeout_s: float, policy: Policy
+) -> PreviewOut:
+    ctx = placement_context(utcnow(), heartbeat_timeout_s, policy)
     ranked = rank(shortlist(session, req, ctx, cfg), req, replace(cfg, jitter=0.0), random.Random(0))
     rc = count_reasons(session, req, ctx)
     return PreviewOut(
@@ -37,15 +39,15 @@ def preview(session: Session, req: VmRequest, cfg: SchedulerConfig, heartbeat_ti
 def _zero() -> StateCapacity:
     return StateCapacity(
         hosts=0, hosts_alive=0, vcpus_free=0, memory_mib_free=0,
-        keyids_total=0, keyids_used=0, keyids_free=0, keyids_stranded=0,
+        keyids_total=0, keyids_used=0, keyids_free=0, keyids_stranded=0, pamt_mib=0, tds_building=0,
     )
 
 
-def capacity(session: Session, size: VmRequest | None, heartbeat_timeout_s: float) -> CapacityOut:
+def capacity(session: Session, size: VmRequest | None, heartbeat_timeout_s: float, policy: Policy) -> CapacityOut:
     now = utcnow()
     alive_after = placement_context(now, heartbeat_timeout_s).alive_after
     need_vcpus = size.vcpus if size else 1
-    need_memory = size.memory_mib if size else 1
+    need_memory = memory_charge(size, policy) if size else 1
     free_vcpus = vcpu_limit_sql() - Host.used_vcpus
     full = (free_vcpus < need_vcpus) | (Host.free_memory_mib < need_memory)
     # KeyIDs free = total - max(claimed, observed in use), as placement counts them.
@@ -61,11 +63,13 @@ def capacity(session: Session, size: VmRequest | None, heartbeat_timeout_s: floa
             func.sum(Host.used_keyids),
             func.sum(case((free_keyids > 0, free_keyids), else_=0)),
             func.sum(case((full & (free_keyids > 0), free_keyids), else_=0)),
+            func.sum(Host.pamt_mib),
+            func.sum(Host.tds_building),
         ).group_by(Host.tdx_state)
     ).all()
     by_state = {state.value: _zero() for state in TdxState}
     totals = _zero()
-    for state, hosts, alive, vcpus, memory, k_total, k_used, k_free, stranded in rows:
+    for state, hosts, alive, vcpus, memory, k_total, k_used, k_free, stranded, pamt, building in rows:
         entry = StateCapacity(
             hosts=int(hosts),
             hosts_alive=int(alive or 0),
@@ -75,6 +79,8 @@ def capacity(session: Session, size: VmRequest | None, heartbeat_timeout_s: floa
             keyids_used=int(k_used or 0),
             keyids_free=int(k_free or 0),
             keyids_stranded=int(stranded or 0),
+            pamt_mib=int(pamt or 0),
+            tds_building=int(building or 0),
         )
         by_state[str(state)] = entry
         totals = StateCapacity(
@@ -84,33 +90,48 @@ def capacity(session: Session, size: VmRequest | None, heartbeat_timeout_s: floa
     if size is not None:
         fit = FitOut(
             vcpus=size.vcpus, memory_mib=size.memory_mib, tdx=size.tdx,
-            fits_now=_fits_now(session, size, alive_after),
+            memory_mib_charged=memory_charge(size, policy),
+            fits_now=_fits_now(session, size, alive_after, policy),
         )
-    return CapacityOut(by_tdx_state=by_state, totals=totals, fit=fit)
+    return CapacityOut(
+        by_tdx_state=by_state, totals=totals, fit=fit,
+        td_memory_overhead_mib=policy.td_memory_overhead_mib,
+        max_td_builds_per_host=policy.max_td_builds_per_host,
+    )
 
 
-def _fits_now(session: Session, size: VmRequest, alive_after: object) -> int:
-    """How many VMs of this size fit now: per eligible host the minimum over its dimensions."""
+def _fits_now(session: Session, size: VmRequest, alive_after: object, policy: Policy) -> int:
+    """How many VMs of this size fit now: per eligible host the minimum over its dimensions (a TD
+    also within the host's free build slots, on hosts the policy's floor and the VMM allow)."""
     states = TDX_STATES if size.tdx else PLAIN_STATES
+    conditions = [
+        Host.tdx_state.in_(states),
+        Host.vm_capable.is_(True),
+        Host.schedulable.is_(True),
+        Host.draining.is_(False),
+        Host.last_heartbeat_at >= alive_after,
+    ]
+    if size.tdx:
+        conditions.append(func.coalesce(Host.vmm_tdx, "") != "unsupported")
+        if policy.min_module_key is not None:
+            conditions.append(Host.tdx_module_key >= policy.min_module_key)
+    if size.attestation:
+        conditions.append(Host.attestation_ready.is_(True))
     rows = session.execute(
         select(
             Host.vcpus, Host.reserved_vcpus, Host.cpu_allocation_ratio, Host.used_vcpus,
-            Host.free_memory_mib, Host.keyids_total, keyids_in_use_sql(), td_vcpu_limit_sql(),
-        ).where(
-            Host.tdx_state.in_(states),
-            Host.vm_capable.is_(True),
-            Host.schedulable.is_(True),
-            Host.draining.is_(False),
-            Host.last_heartbeat_at >= alive_after,
-        )
+            Host.free_memory_mib, Host.keyids_total, keyids_in_use_sql(), td_vcpu_limit_sql(), Host.tds_building,
+        ).where(*conditions)
     ).all()
+    charge = memory_charge(size, policy)
     total = 0
-    for vcpus, reserved, ratio, used_vcpus, free_mem, k_total, k_in_use, td_vcpu_limit in rows:
+    for vcpus, reserved, ratio, used_vcpus, free_mem, k_total, k_in_use, td_vcpu_limit, building in rows:
         by_vcpu = math.floor(((vcpus - reserved) * ratio - used_vcpus) / size.vcpus)
-        by_memory = free_mem // size.memory_mib
+        by_memory = free_mem // charge
         per_host = min(by_vcpu, by_memory)
         if size.tdx:
-            per_host = min(per_host, k_total - k_in_use) if size.vcpus <= td_vcpu_limit else 0
+            slots = policy.max_td_builds_per_host - building
+            per_host = min(per_host, k_total - k_in_use, slots) if size.vcpus <= td_vcpu_limit else 0
         total += max(per_host, 0)
     return total
 

@@ -36,6 +36,7 @@ from service.db import Database
 from service.hosts.service import report_stale_hosts
 from service.metrics import Metrics
 from service.models import UTCDateTime, Vm
+from service.policy import service as fleet_policy
 from service.scheduler.shape_memo import Shape, ShapeMemo
 from service.signals import Signal
 from service.vms.lifecycle import Action, VmStatus
@@ -219,8 +220,12 @@ def retry(session: Session, vm_id: uuid.UUID, ps: PlacementSettings, rng: random
     if as_utc(vm.deadline) <= now:
         apply_action(session, vm, Action.DEADLINE, f"no host within the deadline: {vm.explanation}")
         return "failed", 0
-    explain = now - as_utc(vm.updated_at) >= REEXPLAIN_AFTER
-    placed = try_place(session, vm, ps, rng, now, explain=explain)
+    policy = fleet_policy.current(session, ps.policy_defaults)
+    # Re-explained at most every REEXPLAIN_AFTER, and at once under a policy newer than its explanation.
+    explain = now - as_utc(vm.updated_at) >= REEXPLAIN_AFTER or (
+        policy.updated_at is not None and as_utc(vm.updated_at) < policy.updated_at
+    )
+    placed = try_place(session, vm, ps, rng, now, explain=explain, policy=policy.scheduler)
     conflicts: int = session.info.get(CLAIM_CONFLICTS, 0)
     if placed:
         emit_vm_event(session, "vm.scheduled", vm)

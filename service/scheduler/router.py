@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Query, Request
+from sqlalchemy.orm import Session
 
 from service.auth import Principal, current_principal
 from service.context import get_context
 from service.errors import ProblemError
 from service.openapi import roles
+from service.policy import service as fleet_policy
 from service.scheduler import insight
 from service.scheduler.types import VmRequest
 from service.vms.schemas import CapacityOut, PreviewOut, VmCreate
@@ -31,10 +33,15 @@ async def preview(body: VmCreate, request: Request, principal: Principal = Depen
         tdx=body.tdx,
         selector=tuple(sorted(body.selector.items())),
         anti_affinity_group=body.anti_affinity_group,
+        attestation=body.attestation,
     )
-    return await ctx.db.run(
-        lambda s: insight.preview(s, req, ctx.placement.scheduler, ctx.settings.heartbeat_timeout_s), write=False
-    )
+    defaults = ctx.placement.policy_defaults
+
+    def _preview(s: Session) -> PreviewOut:
+        policy = fleet_policy.current(s, defaults).scheduler
+        return insight.preview(s, req, ctx.placement.scheduler, ctx.settings.heartbeat_timeout_s, policy)
+
+    return await ctx.db.run(_preview, write=False)
 
 
 @router.get(
@@ -49,6 +56,7 @@ async def capacity(
     vcpus: int | None = Query(None, ge=1, le=4096),
     memory_mib: int | None = Query(None, ge=1, le=2**50),
     tdx: bool = Query(False),
+    attestation: bool = Query(False, description="count only hosts whose quote generation service answers"),
     principal: Principal = Depends(current_principal),
 ) -> CapacityOut:
     principal.require("admin", "reader", "client")
@@ -57,8 +65,15 @@ async def capacity(
             422, "validation_error", "give both vcpus and memory_mib, or neither",
             errors=[{"loc": ["query", "vcpus" if vcpus is None else "memory_mib"], "msg": "required with the other"}],
         )
-    size = VmRequest(vcpus=vcpus, memory_mib=memory_mib, tdx=tdx) if vcpus and memory_mib else None
-    ctx = get_context(request)
-    return await ctx.db.run(
-        lambda s: insight.capacity(s, size, ctx.settings.heartbeat_timeout_s), write=False
+    size = (
+        VmRequest(vcpus=vcpus, memory_mib=memory_mib, tdx=tdx, attestation=attestation and tdx)
+        if vcpus and memory_mib else None
     )
+    ctx = get_context(request)
+    defaults = ctx.placement.policy_defaults
+
+    def _capacity(s: Session) -> CapacityOut:
+        policy = fleet_policy.current(s, defaults).scheduler
+        return insight.capacity(s, size, ctx.settings.heartbeat_timeout_s, policy)
+
+    return await ctx.db.run(_capacity, write=False)

@@ -26,12 +26,18 @@ MAX_ENTRIES = 10_000
 
 
 _SIZE_FIELDS = frozenset({"vcpus", "memory_mib"})
+# Fields added to VmRequest after classes were first stored (migration 0003_quotas): they join the
+# digest only when they differ from their default, so the classes stored before stay what they were.
+_LATER_FIELDS = frozenset({"attestation"})
 
 
 def placement_class(req: VmRequest) -> str:
     """A digest of everything the filters see of a VM besides its size (every field of
     ``VmRequest`` but vCPUs and memory, so a field added for a new filter joins the class)."""
-    rest = {f.name: getattr(req, f.name) for f in dataclasses.fields(req) if f.name not in _SIZE_FIELDS}
+    rest = {
+        f.name: getattr(req, f.name) for f in dataclasses.fields(req)
+        if f.name not in _SIZE_FIELDS and not (f.name in _LATER_FIELDS and getattr(req, f.name) == f.default)
+    }
     canonical = json.dumps(rest, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.blake2b(canonical.encode(), digest_size=16).hexdigest()
 

@@ -14,6 +14,8 @@ class VmRequest:
     tdx: bool
     selector: tuple[tuple[str, str], ...] = ()
     anti_affinity_group: str | None = None
+    # Only on hosts whose quote generation service answers (a TD that must attest).
+    attestation: bool = False
 
     @property
     def keyids(self) -> int:
@@ -43,6 +45,12 @@ class HostView:
     # None: not reported (the TD vCPU cap falls back to vcpus; KeyIDs in use to the claimed ones).
     present_cpus: int | None = None
     keyids_observed_in_use: int | None = None
+    # The TDX module version's sortable key (service/policy/versions.py); None: unknown.
+    tdx_module_key: str | None = None
+    attestation_ready: bool | None = None
+    vmm_tdx: str | None = None
+    pamt_mib: int = 0
+    tds_building: int = 0
     labels: dict[str, str] = field(default_factory=dict)
     # Anti-affinity groups of the VMs active on this host.
     groups: frozenset[str] = frozenset()
@@ -57,7 +65,8 @@ class HostView:
 
     @property
     def free_memory_mib(self) -> int:
-        return self.memory_mib - self.reserved_memory_mib - self.used_memory_mib
+        """What a placement may take: the PAMT of the TDX module is never schedulable."""
+        return self.memory_mib - self.reserved_memory_mib - self.pamt_mib - self.used_memory_mib
 
     @property
     def td_vcpu_limit(self) -> int:
@@ -74,8 +83,30 @@ class HostView:
         return self.keyids_total - self.keyids_in_use
 
 
+DEFAULT_MAX_TD_BUILDS_PER_HOST = 4
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """The fleet policy the filters apply (GET /v1/policy, service/policy/)."""
+
+    # The TDX module floor: its version, and its sortable key; None: no floor.
+    min_module_version: str | None = None
+    min_module_key: str | None = None
+    # TDs per host in ``scheduled`` (placed, not yet running) at once.
+    max_td_builds_per_host: int = DEFAULT_MAX_TD_BUILDS_PER_HOST
+    # Memory charged to a host per TD besides the TD's own (VMM, S-EPT page tables, TD control pages).
+    td_memory_overhead_mib: int = 0
+
+
 @dataclass(frozen=True, slots=True)
 class Context:
     """What filters need besides the host and the request."""
 
     alive_after: datetime  # a heartbeat at or after this instant means alive
+    policy: Policy = Policy()
+
+
+def memory_charge(req: VmRequest, policy: Policy) -> int:
+    """The memory a placement takes from its host: a TD's own plus the per-TD overhead."""
+    return req.memory_mib + (policy.td_memory_overhead_mib if req.tdx else 0)

@@ -81,6 +81,20 @@ export const VM_COLUMNS = [
 ];
 
 // The pending queue: how long each VM has waited and why nothing fits.
+// Running operations (the guided TDX opt-in): what each waits for, and what blocks it.
+export const OPERATION_COLUMNS = [
+  { title: "Host", className: "name", render: (op) => link(hostHref(op.host), op.host), hint: (op) => `operation ${op.id}` },
+  { title: "Operation", render: (op) => op.kind.replaceAll("_", " ") },
+  { title: "Step", render: (op) => op.step.replaceAll("_", " ") },
+  {
+    title: "Waiting for",
+    className: "reason",
+    render: (op) => op.detail,
+    hint: (op) => (op.blocking_vms_total ? `${op.blocking_vms_total} active VM(s) block the reload` : null),
+  },
+  { title: "Started", render: (op) => age(op.created_at), hint: (op) => `gives up at ${op.deadline}` },
+];
+
 export const PENDING_COLUMNS = [
   { title: "VM", render: vmName },
   { title: "Project", render: (vm) => vm.project },

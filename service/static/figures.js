@@ -11,7 +11,7 @@ export function vcpuLimit(host) {
 
 // Memory placements may claim: physical minus reserved (never overcommitted).
 export function memoryLimitMib(host) {
-  return host.memory_mib - host.reserved_memory_mib;
+  return host.memory_mib - host.reserved_memory_mib - ((host.tdx && host.tdx.pamt_mib) || 0);
 }
 
 // "draining", "cordoned", "stale" (left schedulable but not heartbeating) or "schedulable".

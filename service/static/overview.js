@@ -2,13 +2,14 @@
 "use strict";
 
 import { get, getAll } from "./api.js";
-import { HOST_COLUMNS, PENDING_COLUMNS } from "./columns.js";
+import { HOST_COLUMNS, OPERATION_COLUMNS, PENDING_COLUMNS } from "./columns.js";
 import { dataTable, el, fillTable, fromTemplate, gib, labelsOf, note, showError, stateClass, STATES, tdxBadge, byName } from "./dom.js";
 import { eventItem } from "./events.js";
 import { wholeVcpus } from "./figures.js";
 
 const MAX_HOST_PAGES = 20; // at most 10,000 hosts
 const MAX_PENDING_PAGES = 2; // at most 1,000 pending VMs
+const MAX_OPERATION_PAGES = 1;
 const EVENTS_BACKLOG = 30; // how many past events to show on connect
 const EVENTS_SHOWN = 200;
 const LONG_POLL_S = 25; // under the server's 30 s cap
@@ -46,6 +47,9 @@ export function mount(container, _params, app) {
   const pendingTable = dataTable(PENDING_COLUMNS);
   pendingTable.table.id = "pending-table";
   view.pending.append(pendingTable.wrap);
+  const operationsTable = dataTable(OPERATION_COLUMNS);
+  operationsTable.table.id = "operations-table";
+  view.operations.append(operationsTable.wrap);
 
   let hosts = [];
   const state = { refreshing: false, again: false, soon: null };
@@ -105,10 +109,11 @@ export function mount(container, _params, app) {
     }
     state.refreshing = true;
     const signal = app.signal;
-    const [capacity, hostList, pending] = await Promise.allSettled([
+    const [capacity, hostList, pending, operations] = await Promise.allSettled([
       get("/v1/capacity", null, signal),
       getAll("/v1/hosts", null, MAX_HOST_PAGES, signal),
       getAll("/v1/vms", { status: "pending" }, MAX_PENDING_PAGES, signal),
+      getAll("/v1/operations", { status: "running" }, MAX_OPERATION_PAGES, signal),
     ]);
     state.refreshing = false;
     if (signal.aborted) return;
@@ -130,6 +135,13 @@ export function mount(container, _params, app) {
       note(view.pendingNote, truncated ? `Showing the first ${items.length}.` : null);
     }
     showError(view.pendingError, pending.status === "rejected" ? pending.reason : null);
+    if (operations.status === "fulfilled") {
+      const { items } = operations.value;
+      fillTable(operationsTable.tbody, OPERATION_COLUMNS, items, "no operation running");
+      view.operationsCount.textContent = `(${items.length})`;
+      view.operationsCard.hidden = items.length === 0;
+    }
+    showError(view.operationsError, operations.status === "rejected" ? operations.reason : null);
     app.stamp();
     if (state.again) {
       state.again = false;

@@ -6,7 +6,7 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints, model_validator
 
 from service.scheduler.filters import REASON_CODES
 from service.schemas import TEXT_PATTERN, Flag, IntegralFloat, Labels, MiB, Name, StrictModel
@@ -34,6 +34,14 @@ class VmCreate(StrictModel):
     anti_affinity_group: Name | None = None
     priority: Priority = 0
     schedule_timeout_s: Annotated[StrictInt, Field(ge=1, le=30 * 86400), IntegralFloat] | None = None
+    # Only on hosts whose quote generation service answers; a TD only (tdx: true).
+    attestation: Flag = False
+
+    @model_validator(mode="after")
+    def _attestation_needs_tdx(self) -> VmCreate:
+        if self.attestation and not self.tdx:
+            raise ValueError("attestation: true needs tdx: true (only a trust domain attests)")
+        return self
 
 
 class VmStatusReport(StrictModel):
@@ -50,6 +58,9 @@ class VmOut(BaseModel):
     vcpus: int
     memory_mib: int
     tdx: bool
+    attestation: bool
+    # The per-TD memory overhead charged to its host at placement (0 for other VMs, or while pending).
+    memory_overhead_mib: int
     selector: dict[str, str]
     anti_affinity_group: str | None
     priority: int
@@ -87,12 +98,18 @@ class StateCapacity(BaseModel):
     keyids_used: int
     keyids_free: int
     keyids_stranded: int
+    # Memory the TDX module's PAMT takes on these hosts (never schedulable).
+    pamt_mib: int
+    # TDs placed and not yet running.
+    tds_building: int
 
 
 class FitOut(BaseModel):
     vcpus: int
     memory_mib: int
     tdx: bool
+    # memory_mib plus the per-TD overhead for a TD: what a placement takes from its host.
+    memory_mib_charged: int
     fits_now: int
 
 
@@ -100,3 +117,6 @@ class CapacityOut(BaseModel):
     by_tdx_state: dict[str, StateCapacity]
     totals: StateCapacity
     fit: FitOut | None
+    # The policy's per-TD memory overhead and TD build limit, as fits_now applies them.
+    td_memory_overhead_mib: int
+    max_td_builds_per_host: int

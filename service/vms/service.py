@@ -6,7 +6,7 @@ import hashlib
 import json
 import random
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -21,12 +21,14 @@ from service.events import emit
 from service.ids import uuid7
 from service.models import ACTIVE_VM_STATUSES, Host, IdempotencyKey, Vm
 from service.pagination import Page, encode_cursor
+from service.policy import service as fleet_policy
+from service.policy.schemas import PolicyDefaults
 from service.projects import quota
-from service.scheduler.claims import release
+from service.scheduler.claims import finish_build, release
 from service.scheduler.engine import SchedulerConfig, place
 from service.scheduler.explain import count_reasons, explanation
 from service.scheduler.shape_memo import placement_class
-from service.scheduler.types import Context, VmRequest
+from service.scheduler.types import Context, Policy, VmRequest
 from service.vms.lifecycle import (
     EVENT_KIND,
     Action,
@@ -49,6 +51,9 @@ class PlacementSettings:
     schedule_timeout_s: int
     idempotency_ttl_s: int
     scheduler: SchedulerConfig
+    policy_defaults: PolicyDefaults = field(
+        default_factory=lambda: PolicyDefaults(max_td_builds_per_host=4, td_memory_overhead_mib=0)
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +72,8 @@ def vm_out(vm: Vm) -> VmOut:
         vcpus=vm.vcpus,
         memory_mib=vm.memory_mib,
         tdx=vm.tdx,
+        attestation=vm.attestation,
+        memory_overhead_mib=vm.memory_overhead_mib,
         selector=vm.selector,
         anti_affinity_group=vm.anti_affinity_group,
         priority=vm.priority,
@@ -89,6 +96,7 @@ def vm_request(vm: Vm) -> VmRequest:
         tdx=vm.tdx,
         selector=tuple(sorted(vm.selector.items())),
         anti_affinity_group=vm.anti_affinity_group,
+        attestation=vm.attestation,
     )
 
 
@@ -96,8 +104,8 @@ def vm_need(vm: Vm) -> quota.Resources:
     return quota.need_of(vm.vcpus, vm.memory_mib, vm.tdx)
 
 
-def placement_context(now: datetime, heartbeat_timeout_s: float) -> Context:
-    return Context(alive_after=now - timedelta(seconds=heartbeat_timeout_s))
+def placement_context(now: datetime, heartbeat_timeout_s: float, policy: Policy | None = None) -> Context:
+    return Context(alive_after=now - timedelta(seconds=heartbeat_timeout_s), policy=policy or Policy())
 
 
 def _event_data(vm: Vm, **extra: Any) -> dict[str, Any]:
@@ -126,12 +134,16 @@ def _request_hash(body: VmCreate, project: str) -> str:
 
 
 def try_place(
-    session: Session, vm: Vm, ps: PlacementSettings, rng: random.Random, now: datetime, *, explain: bool = True
+    session: Session, vm: Vm, ps: PlacementSettings, rng: random.Random, now: datetime, *, explain: bool = True,
+    policy: Policy | None = None,
 ) -> bool:
     """Place a pending VM now if anything fits, True when placed. Else, with ``explain``, record
-    why not (counted over every host); without it, leave the VM as it was."""
+    why not (counted over every host); without it, leave the VM as it was. ``policy``: the fleet
+    policy, when the caller read it already (it is read in this transaction otherwise)."""
     req = vm_request(vm)
-    ctx = placement_context(now, ps.heartbeat_timeout_s)
+    if policy is None:
+        policy = fleet_policy.current(session, ps.policy_defaults).scheduler
+    ctx = placement_context(now, ps.heartbeat_timeout_s, policy)
     placement = place(session, req, ctx, ps.scheduler, rng)
     session.info[CLAIM_CONFLICTS] = session.info.get(CLAIM_CONFLICTS, 0) + placement.conflicts
     if placement.host is None and not explain:
@@ -142,6 +154,7 @@ def try_place(
         vm.status = VmStatus.SCHEDULED.value
         vm.host_id = placement.host.id
         vm.host_name = placement.host.name
+        vm.memory_overhead_mib = policy.td_memory_overhead_mib if vm.tdx else 0
         vm.explanation = f"scheduled on {placement.host.name}"
         vm.reasons = {}
         return True
@@ -213,6 +226,8 @@ def create_vm(
         vcpus=body.vcpus,
         memory_mib=body.memory_mib,
         tdx=body.tdx,
+        attestation=body.attestation,
+        memory_overhead_mib=0,
         selector=dict(body.selector),
         anti_affinity_group=body.anti_affinity_group,
         priority=body.priority,
@@ -286,8 +301,14 @@ def apply_action(session: Session, vm: Vm, action: Action, detail: str | None = 
         ) from exc
     if not step.changes:
         return False
+    building = vm.tdx and old is VmStatus.SCHEDULED and vm.host_id is not None
     if releases(old, step.to) and vm.host_id is not None:
-        release(session, vm.host_id, vm.vcpus, vm.memory_mib, 1 if vm.tdx else 0)
+        release(
+            session, vm.host_id, vm.vcpus, vm.memory_mib + vm.memory_overhead_mib, 1 if vm.tdx else 0,
+            builds=1 if building else 0,
+        )
+    elif building and step.to is not VmStatus.SCHEDULED and vm.host_id is not None:
+        finish_build(session, vm.host_id)
     if ends_usage(old, step.to):
         quota.release(session, vm.project, vm_need(vm))
     vm.status = step.to.value
@@ -346,6 +367,8 @@ def _release_gone_vms(session: Session, host: Host, now: datetime, detail: str, 
     vms = session.scalars(query.with_for_update()).all()
     ended: dict[str, quota.Resources] = {}
     for vm in vms:
+        if vm.tdx and vm.status == VmStatus.SCHEDULED.value:
+            host.tds_building -= 1  # a TD still being built
         step = transition(VmStatus(vm.status), Action.HOST_REBOOTED)
         if ends_usage(VmStatus(vm.status), step.to):
             ended[vm.project] = ended.get(vm.project, quota.Resources()) + vm_need(vm)
@@ -355,7 +378,7 @@ def _release_gone_vms(session: Session, host: Host, now: datetime, detail: str, 
         vm.generation += 1
         emit_vm_event(session, EVENT_KIND[step.to], vm, detail=detail)
         host.used_vcpus -= vm.vcpus
-        host.used_memory_mib -= vm.memory_mib
+        host.used_memory_mib -= vm.memory_mib + vm.memory_overhead_mib
         host.used_keyids -= 1 if vm.tdx else 0
         host.vm_count -= 1
     quota.release_many(session, ended)

@@ -27,7 +27,7 @@ from tests.agent.conftest import CASES, FIXTURES, expected_of
 
 LOAD_REPORT_FIELDS = {
     "load_id", "boot_id", "kernel", "kvm_intel_loaded", "kvm_tdx", "tdx_platform", "tdx_requested", "tdx_effective",
-    "keyids_total", "module_version", "errors", "kernel_log", "vcpus", "present_cpus", "memory_mib",
+    "keyids_total", "module_version", "errors", "kernel_log", "vcpus", "present_cpus", "memory_mib", "pamt_kb",
 }
 
 
@@ -65,6 +65,7 @@ def test_each_case_is_reported_so_that_the_server_derives_what_the_case_says(
     assert load["boot_id"] == (root / "proc/sys/kernel/random/boot_id").read_text().strip()
     assert load["kernel_log"] == "complete"
     assert (load["kvm_intel_loaded"], load["keyids_total"]) == (expected["kvm_intel_loaded"], expected["keyids_total"])
+    assert load["pamt_kb"] == expected["pamt_kb"]  # the boot's "virt/tdx: N KB allocated for PAMT"
     assert derive(load) == (expected["tdx_state"], expected["reason_code"], expected["reason"])
     assert probed["kvm_intel"] == ("live" if expected["kvm_intel_loaded"] else "absent")
 
@@ -90,12 +91,18 @@ def test_a_probe_mints_a_fresh_load_id_and_carries_the_heartbeat_observations(
     root = FIXTURES / "ready-7.1"
     first, second = probe_case(capsys, root), probe_case(capsys, root)
     assert first["load"]["load_id"] != second["load"]["load_id"]
+    # The fixture trees have no QGS socket and no QEMU or libvirt (looked for under --root only).
+    no_userspace = {
+        "attestation_ready": False, "vmm_tdx": "unknown", "vmm_detail": "no QEMU or libvirt domain capabilities found",
+    }
     assert first["heartbeat"] == {
         "keyids_in_use": 0, "module_version": "1.5.16", "module_healthy": True, "tdx_configured": True,
+        **no_userspace,
     }
     assert first["load"]["module_version"] == "1.5.16"
     assert probe_case(capsys, FIXTURES / "no-misc-cgroup")["heartbeat"] == {
         "module_version": None, "module_healthy": None, "tdx_configured": True,  # 6.16: no version, no misc
+        **no_userspace,
     }
 
 

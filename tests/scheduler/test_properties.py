@@ -1,10 +1,12 @@
 """Property tests of the placement engine on random fleets, against a real database.
 
-For any fleet and request: each filter's SQL form agrees with its Python form host by host; a
-placement satisfies every filter and leaves no host over any capacity; a TDX VM lands only on a
-``ready`` host, gets no more vCPUs than the host's present CPUs and takes a KeyID only while
-total - max(claimed, observed in use) > 0; when the engine finds nothing, a brute-force search over
-every host agrees; and the reason counts add up to the hosts considered.
+For any fleet, request and fleet policy: each filter's SQL form agrees with its Python form host by
+host; a placement satisfies every filter and leaves no host over any capacity; a TDX VM lands only on
+a ``ready`` host, gets no more vCPUs than the host's present CPUs and takes a KeyID only while
+total - max(claimed, observed in use) > 0, a build slot only while fewer than the policy's limit are
+building, and memory with the per-TD overhead within what the host's PAMT leaves; when the engine
+finds nothing, a brute-force search over every host agrees; and the reason counts add up to the
+hosts considered.
 """
 
 from __future__ import annotations
@@ -26,15 +28,31 @@ from service.clock import as_utc, utcnow
 from service.db import Database, make_engine
 from service.migrate import migrate
 from service.models import Host, HostLabel, Vm
+from service.policy.versions import version_key
 from service.scheduler.engine import SchedulerConfig, place
 from service.scheduler.explain import count_reasons
 from service.scheduler.filters import all_rejections, first_rejection
-from service.scheduler.types import Context, HostView, VmRequest
+from service.scheduler.types import Context, HostView, Policy, VmRequest, memory_charge
 from service.scheduler.weighers import default_weighers
 
 STATES = ["unknown", "unsupported", "disabled", "failed", "ready"]
 NOW = utcnow().replace(microsecond=0)
 CTX = Context(alive_after=NOW - timedelta(seconds=40))
+VERSIONS = [None, "1.5", "1.5.06", "1.5.10", "1.5.10.0", "1.10.0", "2.0.01", "not-a-version"]
+
+
+@st.composite
+def contexts(draw: st.DrawFn) -> Context:
+    floor = draw(st.sampled_from([None, "1.5.06", "1.5.10", "1.9"]))
+    return Context(
+        alive_after=CTX.alive_after,
+        policy=Policy(
+            min_module_version=floor,
+            min_module_key=version_key(floor),
+            max_td_builds_per_host=draw(st.integers(1, 4)),
+            td_memory_overhead_mib=draw(st.sampled_from([0, 1, 256])),
+        ),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +75,8 @@ def host_specs(draw: st.DrawFn, index: int) -> HostView:
     limit = (vcpus - reserved_vcpus) * ratio
     memory = draw(st.integers(1, 65536))
     reserved_memory = draw(st.integers(0, memory))
+    pamt = draw(st.sampled_from([0, 0, memory // 256, memory // 4]))
+    version = draw(st.sampled_from(VERSIONS))
     keyids_total = draw(st.integers(1 if state == "ready" else 0, 8))
     used_keyids = draw(st.integers(0, keyids_total))
     return HostView(
@@ -73,7 +93,7 @@ def host_specs(draw: st.DrawFn, index: int) -> HostView:
         used_vcpus=draw(st.integers(0, int(limit))),
         memory_mib=memory,
         reserved_memory_mib=reserved_memory,
-        used_memory_mib=draw(st.integers(0, memory - reserved_memory)),
+        used_memory_mib=draw(st.integers(0, max(memory - reserved_memory - pamt, 0))),
         keyids_total=keyids_total,
         used_keyids=used_keyids,
         generation=1,
@@ -81,6 +101,11 @@ def host_specs(draw: st.DrawFn, index: int) -> HostView:
         present_cpus=draw(st.one_of(st.none(), st.integers(vcpus, vcpus + 8))),
         # The agent may see more KeyIDs in use than placed (TDs started elsewhere, leaks), or fewer.
         keyids_observed_in_use=draw(st.one_of(st.none(), st.integers(0, keyids_total + 2))),
+        tdx_module_key=version_key(version),
+        attestation_ready=draw(st.sampled_from([None, False, True])),
+        vmm_tdx=draw(st.sampled_from([None, "supported", "unsupported", "unknown"])),
+        pamt_mib=pamt,
+        tds_building=draw(st.integers(0, 5)),
         labels=draw(st.dictionaries(st.sampled_from(["zone", "rack"]), st.sampled_from(["a", "b"]), max_size=2)),
         groups=frozenset(draw(st.sets(st.sampled_from(["g1", "g2"]), max_size=2))),
     )
@@ -101,6 +126,7 @@ requests = st.builds(
         lambda d: tuple(sorted(d.items()))
     ),
     anti_affinity_group=st.sampled_from([None, "g1", "g2"]),
+    attestation=st.booleans(),
 )
 
 
@@ -118,7 +144,9 @@ def _store(session: Session, fleet: list[HostView]) -> None:
                 keyids_total=h.keyids_total, used_vcpus=h.used_vcpus, used_memory_mib=h.used_memory_mib,
                 used_keyids=h.used_keyids, vm_count=len(h.groups), free_memory_mib=h.free_memory_mib,
                 generation=h.generation, created_at=NOW, updated_at=NOW, present_cpus=h.present_cpus,
-                keyids_observed_in_use=h.keyids_observed_in_use,
+                keyids_observed_in_use=h.keyids_observed_in_use, tdx_module_key=h.tdx_module_key,
+                attestation_ready=h.attestation_ready, vmm_tdx=h.vmm_tdx, pamt_mib=h.pamt_mib,
+                tds_building=h.tds_building,
             )
         )
         session.flush()
@@ -134,8 +162,8 @@ def _store(session: Session, fleet: list[HostView]) -> None:
     session.flush()
 
 
-def _sql_reasons(session: Session, req: VmRequest) -> dict[str, str]:
-    rejections = all_rejections(req, CTX)
+def _sql_reasons(session: Session, req: VmRequest, ctx: Context) -> dict[str, str]:
+    rejections = all_rejections(req, ctx)
     reason = case(*[(cond, literal(code)) for code, cond in rejections], else_=literal("fits"))
     return {name: code for name, code in session.execute(select(Host.name, reason))}
 
@@ -150,54 +178,69 @@ SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[Heal
 
 
 @SETTINGS
-@given(fleet=fleets(), req=requests)
-def test_sql_and_python_filters_agree_host_by_host(db: Database, fleet: list[HostView], req: VmRequest) -> None:
+@given(fleet=fleets(), req=requests, ctx=contexts())
+def test_sql_and_python_filters_agree_host_by_host(
+    db: Database, fleet: list[HostView], req: VmRequest, ctx: Context
+) -> None:
     with db.session() as s:
         _store(s, fleet)
-        sql = _sql_reasons(s, req)
+        sql = _sql_reasons(s, req, ctx)
         s.rollback()
-    python = {h.name: first_rejection(h, req, CTX) or "fits" for h in fleet}
+    python = {h.name: first_rejection(h, req, ctx) or "fits" for h in fleet}
     assert sql == python
 
 
 @SETTINGS
-@given(fleet=fleets(), req=requests, policy=st.sampled_from(["spread", "pack"]), seed=st.integers(0, 2**16))
+@given(
+    fleet=fleets(), req=requests, policy=st.sampled_from(["spread", "pack"]), seed=st.integers(0, 2**16),
+    ctx=contexts(),
+)
 def test_placement_respects_every_filter_and_capacity(
-    db: Database, fleet: list[HostView], req: VmRequest, policy: str, seed: int
+    db: Database, fleet: list[HostView], req: VmRequest, policy: str, seed: int, ctx: Context
 ) -> None:
     cfg = SchedulerConfig(policy=policy, weighers=default_weighers(policy, 10.0), candidate_limit=3)
-    brute_force = [h for h in fleet if first_rejection(h, req, CTX) is None]
+    brute_force = [h for h in fleet if first_rejection(h, req, ctx) is None]
     with db.session() as s:
         _store(s, fleet)
-        rc = count_reasons(s, req, CTX)
-        placement = place(s, req, CTX, cfg, random.Random(seed))
+        rc = count_reasons(s, req, ctx)
+        placement = place(s, req, ctx, cfg, random.Random(seed))
         if placement.host is None:
             assert brute_force == [], "the engine found nothing but a host fits"
         else:
             chosen = next(h for h in fleet if h.id == placement.host.id)
-            assert first_rejection(chosen, req, CTX) is None
+            assert first_rejection(chosen, req, ctx) is None
             if req.tdx:
                 assert chosen.tdx_state == "ready"
                 assert req.vcpus <= (chosen.present_cpus or chosen.vcpus)
                 assert max(chosen.used_keyids, chosen.keyids_observed_in_use or 0) < chosen.keyids_total
+                assert chosen.tds_building < ctx.policy.max_td_builds_per_host
+                if ctx.policy.min_module_key is not None:
+                    assert chosen.tdx_module_key is not None and chosen.tdx_module_key >= ctx.policy.min_module_key
+                assert chosen.vmm_tdx != "unsupported"
+            if req.attestation:
+                assert chosen.attestation_ready is True
             after = _after(s, chosen.id)
             assert after.used_vcpus <= (after.vcpus - after.reserved_vcpus) * after.cpu_allocation_ratio
-            assert after.used_memory_mib + after.reserved_memory_mib <= after.memory_mib
-            assert after.free_memory_mib == after.memory_mib - after.reserved_memory_mib - after.used_memory_mib
+            assert after.used_memory_mib + after.reserved_memory_mib + after.pamt_mib <= after.memory_mib
+            assert after.used_memory_mib == chosen.used_memory_mib + memory_charge(req, ctx.policy)
+            assert after.tds_building == chosen.tds_building + (1 if req.tdx else 0)
+            assert after.free_memory_mib == (
+                after.memory_mib - after.reserved_memory_mib - after.pamt_mib - after.used_memory_mib
+            )
             assert after.used_keyids <= after.keyids_total
             assert after.used_keyids == chosen.used_keyids + req.keyids
             assert after.generation == chosen.generation + 1
         s.rollback()
     assert rc.considered == len(fleet)
     assert rc.fits == len(brute_force)
-    expected = Counter(first_rejection(h, req, CTX) for h in fleet if first_rejection(h, req, CTX))
+    expected = Counter(first_rejection(h, req, ctx) for h in fleet if first_rejection(h, req, ctx))
     assert rc.counts == dict(expected)
 
 
 @SETTINGS
-@given(fleet=fleets(), req=requests)
+@given(fleet=fleets(), req=requests, ctx=contexts())
 def test_a_claim_against_a_moved_generation_changes_nothing(
-    db: Database, fleet: list[HostView], req: VmRequest
+    db: Database, fleet: list[HostView], req: VmRequest, ctx: Context
 ) -> None:
     from dataclasses import replace
 
@@ -206,7 +249,7 @@ def test_a_claim_against_a_moved_generation_changes_nothing(
     with db.session() as s:
         _store(s, fleet)
         for h in fleet:
-            assert not try_claim(s, replace(h, generation=h.generation + 1), req)
+            assert not try_claim(s, replace(h, generation=h.generation + 1), req, ctx)
             host = _after(s, h.id)
             assert (host.used_vcpus, host.used_memory_mib, host.used_keyids) == (
                 h.used_vcpus, h.used_memory_mib, h.used_keyids
@@ -215,19 +258,22 @@ def test_a_claim_against_a_moved_generation_changes_nothing(
 
 
 @SETTINGS
-@given(fleet=fleets(), req=requests)
-def test_the_claim_enforces_the_capacity_filters_limits(db: Database, fleet: list[HostView], req: VmRequest) -> None:
+@given(fleet=fleets(), req=requests, ctx=contexts())
+def test_the_claim_enforces_the_capacity_filters_limits(
+    db: Database, fleet: list[HostView], req: VmRequest, ctx: Context
+) -> None:
     # The claim is the last word under races: it must hold every capacity limit the filters hold
-    # (TD vCPUs within present CPUs, KeyIDs free after max(claimed, observed), vCPUs, memory).
+    # (TD vCPUs within present CPUs, KeyIDs free after max(claimed, observed), vCPUs, memory with
+    # the per-TD overhead after the PAMT, TD build slots).
     from service.scheduler.claims import try_claim
-    from service.scheduler.filters import KeyIdFilter, MemoryFilter, TdVcpuFilter, VcpuFilter
+    from service.scheduler.filters import KeyIdFilter, MemoryFilter, TdBuildBurstFilter, TdVcpuFilter, VcpuFilter
 
-    limits = (TdVcpuFilter(), KeyIdFilter(), VcpuFilter(), MemoryFilter())
+    limits = (TdVcpuFilter(), KeyIdFilter(), VcpuFilter(), MemoryFilter(), TdBuildBurstFilter())
     with db.session() as s:
         _store(s, fleet)
         for h in fleet:
-            fits = all(f.check(h, req, CTX) is None for f in limits)
-            assert try_claim(s, h, req) is fits, h
+            fits = all(f.check(h, req, ctx) is None for f in limits)
+            assert try_claim(s, h, req, ctx) is fits, h
         s.rollback()
 
 

@@ -10,27 +10,31 @@ from hypothesis import strategies as st
 
 from service.scheduler.filters import first_rejection
 from service.scheduler.shape_memo import Shape, ShapeMemo, placement_class
-from service.scheduler.types import HostView, VmRequest
-from tests.scheduler.test_properties import CTX, fleets, requests
+from service.scheduler.types import Context, HostView, VmRequest
+from tests.scheduler.test_properties import contexts, fleets, requests
 
 
 @settings(max_examples=300, deadline=None)
-@given(fleet=fleets(), req=requests, more_vcpus=st.integers(0, 64), more_memory=st.integers(0, 65536))
+@given(
+    fleet=fleets(), req=requests, more_vcpus=st.integers(0, 64), more_memory=st.integers(0, 65536), ctx=contexts()
+)
 def test_a_larger_vm_of_the_same_class_fits_nowhere_a_smaller_one_does_not(
-    fleet: list[HostView], req: VmRequest, more_vcpus: int, more_memory: int
+    fleet: list[HostView], req: VmRequest, more_vcpus: int, more_memory: int, ctx: Context
 ) -> None:
     """What the memo rests on: every filter is monotone in the VM's size, and sees nothing of the
     VM but its ``VmRequest`` (size plus placement class)."""
     larger = replace(req, vcpus=req.vcpus + more_vcpus, memory_mib=req.memory_mib + more_memory)
     assert placement_class(larger) == placement_class(req)
     for host in fleet:
-        if first_rejection(host, req, CTX) is not None:
-            assert first_rejection(host, larger, CTX) is not None
+        if first_rejection(host, req, ctx) is not None:
+            assert first_rejection(host, larger, ctx) is not None
 
 
 @given(requests, requests)
 def test_placement_class_ignores_size_only(a: VmRequest, b: VmRequest) -> None:
-    same_rest = (a.tdx, a.selector, a.anti_affinity_group) == (b.tdx, b.selector, b.anti_affinity_group)
+    same_rest = (a.tdx, a.selector, a.anti_affinity_group, a.attestation) == (
+        b.tdx, b.selector, b.anti_affinity_group, b.attestation
+    )
     assert (placement_class(a) == placement_class(b)) == same_rest
 
 
