@@ -169,7 +169,9 @@ async def patch_host(
 )
 async def delete_host(name: Name, request: Request, principal: Principal = Depends(current_principal)) -> Response:
     principal.require("admin")
-    await get_context(request).db.run(lambda s: service.delete_host(s, name))
+    ctx = get_context(request)
+    await ctx.db.run(lambda s: service.delete_host(s, name))
+    ctx.token_cache.clear()  # the host's agent tokens are revoked (other replicas: within the cache TTL)
     return Response(status_code=204)
 
 

@@ -44,7 +44,7 @@ from service.hosts.schemas import (
     TdxOut,
     UsageOut,
 )
-from service.models import Host, HostLabel, Load
+from service.models import Host, HostLabel, Load, Token
 from service.pagination import Page, encode_cursor
 from service.policy.versions import version_key
 
@@ -385,8 +385,12 @@ def delete_host(session: Session, name: str) -> None:
         raise ProblemError(
             409, "host_not_empty", f"host {name!r} still has {host.vm_count} active VM(s); drain it first"
         )
+    # Its agent tokens die with it: a new host of the same name is another host, with its own agent.
+    revoked = session.connection().execute(
+        update(Token).where(Token.host_id == host.id, Token.revoked_at.is_(None)).values(revoked_at=utcnow())
+    ).rowcount
     session.delete(host)
-    emit(session, "host.deleted", name, {"id": str(host.id)})
+    emit(session, "host.deleted", name, {"id": str(host.id), "agent_tokens_revoked": revoked})
 
 
 def _facts(body: LoadReport) -> LoadFacts:
