@@ -17,7 +17,7 @@ import pytest
 from tests.conftest import POSTGRES_URL, load_body
 from tests.replicas import serve_replicas
 
-TOKEN = "tdx_race-admin"
+TOKEN = "tdx_race-admin-token-of-32-characters-or-more"
 HOSTS = 6
 KEYIDS_PER_HOST = 10
 REQUESTS = int(os.environ.get("RACE_REQUESTS", "240"))

@@ -133,7 +133,7 @@ def test_agent_token_for_unknown_host_is_404(api: Api) -> None:
         {"Authorization": "Bearer tdx_not-a-real-token"},
         {"Authorization": "Bearer "},
         {"Authorization": "Basic dXNlcjpwYXNz"},
-        {"Authorization": "tdx_test-admin-token"},
+        {"Authorization": "tdx_test-admin-token-of-32-characters-or-more"},
     ],
 )
 def test_missing_or_unknown_token_is_401(api: Api, headers: dict[str, str]) -> None:
