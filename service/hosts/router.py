@@ -139,7 +139,9 @@ async def get_host(
     "/{name}",
     response_model=HostOut,
     operation_id="updateHost",
-    responses=problems("host_not_found", "precondition_failed"),
+    responses=problems(
+        "host_not_found", "precondition_failed", "reservation_exceeds_free", "allocation_ratio_below_usage"
+    ),
     summary="Change labels, cordon, drain or reservations (If-Match honoured)",
     openapi_extra=roles("admin"),
 )
