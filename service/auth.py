@@ -19,7 +19,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service.errors import ProblemError
-from service.models import Token
+from service.models import Host, Token
 
 Role = Literal["admin", "reader", "agent", "client"]
 ROLES: tuple[Role, ...] = ("admin", "reader", "agent", "client")
@@ -83,14 +83,16 @@ class TokenCache:
 
 
 def lookup_token(session: Session, digest: str) -> Principal | None:
+    """The principal of a live token. An agent token acts for the host it was made for, found by
+    id: once that host is deleted the token is dead, even for a new host of the same name."""
     row = session.execute(
-        select(Token.id, Token.role, Token.host, Token.project).where(
-            Token.secret_hash == digest, Token.revoked_at.is_(None)
-        )
+        select(Token.id, Token.role, Host.name, Token.project)
+        .outerjoin(Host, Host.id == Token.host_id)
+        .where(Token.secret_hash == digest, Token.revoked_at.is_(None))
     ).first()
-    if row is None:
+    if row is None or (row.role == "agent" and row.name is None):
         return None
-    return Principal(role=row.role, token_id=str(row.id), host=row.host, project=row.project)
+    return Principal(role=row.role, token_id=str(row.id), host=row.name, project=row.project)
 
 
 def bearer_secret(request: Request) -> str:

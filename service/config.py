@@ -5,8 +5,11 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# TDX_ADMIN_TOKEN is a password for everything: a short one is guessed. Generated tokens are 47.
+ADMIN_TOKEN_MIN_LENGTH = 32
 
 
 class Settings(BaseSettings):
@@ -40,6 +43,23 @@ class Settings(BaseSettings):
     opt_in_timeout_s: int = Field(default=86400, ge=60, le=30 * 86400)
     log_requests: bool = True
     run_background_tasks: bool = True
+
+    @field_validator("admin_token")
+    @classmethod
+    def _strong_admin_token(cls, value: str | None) -> str | None:
+        if not value:
+            return None  # unset (or set empty): one is generated at the first start
+        if len(value) < ADMIN_TOKEN_MIN_LENGTH:
+            raise ValueError(
+                f"{len(value)} character(s) is too short for an admin token: use at least {ADMIN_TOKEN_MIN_LENGTH} "
+                "(e.g. `openssl rand -hex 32`), or leave it unset to have one generated at the first start"
+            )
+        if value != value.strip() or any(not c.isprintable() for c in value):
+            raise ValueError(
+                "an admin token with whitespace at an end or unprintable characters: "
+                "no Authorization header could carry it"
+            )
+        return value
 
 
 @lru_cache(maxsize=1)

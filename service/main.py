@@ -56,8 +56,17 @@ def main(argv: list[str] | None = None) -> None:
         from service.config import get_settings
     except ImportError as exc:
         sys.exit(f"tdx-service: the service's packages are not installed ({exc.name}); {SERVER_EXTRA_HINT}")
+    from pydantic import ValidationError
+
     _configure_logging()
-    settings = get_settings()
+    try:
+        settings = get_settings()
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"TDX_{'_'.join(str(p) for p in e['loc']).upper()}: {e['msg'].removeprefix('Value error, ')}"
+            for e in exc.errors()
+        )
+        sys.exit(f"tdx-service: refusing to start: {problems}")
     _prepare(settings)
     if args.command == "migrate":
         print("database is at the latest schema")

@@ -188,6 +188,9 @@ class Vm(Base):
     # Kept with the VM so its history still names the host after the host is deleted.
     host_name: Mapped[str | None] = mapped_column(String(63))
     explanation: Mapped[str | None] = mapped_column(Text)
+    # When a pending VM's reasons were last counted (a recount that finds the same reasons changes
+    # nothing else: no generation bump, no event); the pending queue recounts at most this often.
+    explained_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     reasons: Mapped[dict[str, int]] = mapped_column(JSON, default=dict)
     deadline: Mapped[datetime] = mapped_column(UTCDateTime)
     generation: Mapped[int] = mapped_column(BigInteger, default=1)
@@ -222,6 +225,9 @@ class Token(Base):
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid7)
     secret_hash: Mapped[str] = mapped_column(String(64), unique=True)
     role: Mapped[str] = mapped_column(String(16))
+    # An agent token is bound to one host: its id (a new host of the same name is another host),
+    # and its name as it was, for listings. Deleting the host revokes the token (hosts/service.py).
+    host_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, index=True)
     host: Mapped[str | None] = mapped_column(String(63))
     project: Mapped[str | None] = mapped_column(String(63))
     description: Mapped[str | None] = mapped_column(String(255))

@@ -44,6 +44,16 @@ PROBLEM_CODES: dict[str, tuple[tuple[int, ...], str]] = {
     "reload_with_active_vms": ((409,), "a new kvm_intel load on the same boot while VMs are active"),
     "stale_load": ((409,), "`load_id` is not the host's current load"),
     "invalid_transition": ((409,), "the VM's state machine does not allow this"),
+    "reservation_exceeds_free": (
+        (409,),
+        "the reservation would leave the host's placed VMs over capacity (`resource`, `requested`, `in_use`, "
+        "`capacity`); nothing changed",
+    ),
+    "allocation_ratio_below_usage": (
+        (409,),
+        "the CPU allocation ratio would leave the host's placed vCPUs over its limit (`requested`, `in_use`, "
+        "`capacity`, `limit`); nothing changed",
+    ),
     "operation_in_progress": ((409,), "the host already has a running opt-in operation"),
     "tdx_already_ready": ((409,), "the host is TDX-ready already: there is nothing to opt in"),
     "operation_finished": ((409,), "the operation has ended; it can no longer be canceled"),

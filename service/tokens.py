@@ -105,12 +105,16 @@ def _out(row: Token) -> TokenOut:
 
 
 def create_token(session: Session, body: TokenCreate) -> TokenCreated:
-    if body.host is not None and session.scalar(select(Host.id).where(Host.name == body.host)) is None:
-        raise not_found("host", body.host)
+    host_id = None
+    if body.host is not None:
+        host_id = session.scalar(select(Host.id).where(Host.name == body.host))
+        if host_id is None:
+            raise not_found("host", body.host)
     secret = new_secret()
     row = Token(
         secret_hash=hash_secret(secret),
         role=body.role,
+        host_id=host_id,
         host=body.host,
         project=body.project,
         description=body.description,

@@ -23,7 +23,7 @@ from service.db import make_engine
 from service.migrate import migrate
 from service.models import Base
 
-ADMIN_TOKEN = "tdx_test-admin-token"
+ADMIN_TOKEN = "tdx_test-admin-token-of-32-characters-or-more"
 POSTGRES_URL = os.environ.get("TDX_TEST_POSTGRES_URL")
 
 BACKENDS = ["sqlite"] + (["postgres"] if POSTGRES_URL else [])

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from service.app import create_app
-from tests.conftest import Api, load_body, make_settings
+from tests.conftest import ADMIN_TOKEN, Api, load_body, make_settings
 from tests.helpers import assert_problem, live_server, snapshot
 
 MIB = 1024 * 1024
@@ -209,7 +209,7 @@ def test_chunked_body_over_one_mib_is_413_on_a_real_server(database_url: str) ->
     app = create_app(make_settings(database_url))
     try:
         with live_server(app) as base, httpx.Client(base_url=base, timeout=30) as http:
-            admin = {"Authorization": "Bearer tdx_test-admin-token", "Content-Type": "application/json"}
+            admin = {"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "application/json"}
             r = http.post("/v1/hosts", content=_chunks(_huge_host()), headers=admin)
             assert r.request.headers.get("transfer-encoding") == "chunked"
             assert_problem(r, 413, "payload_too_large")

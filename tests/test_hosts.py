@@ -297,3 +297,92 @@ def test_host_operations_write_events(api: Api) -> None:
     r = api.client.get("/v1/events", params={"after": start, "subject": "node-1"}, headers=api.admin)
     kinds = [e["kind"] for e in r.json()["items"]]
     assert kinds == ["host.created", "host.updated", "host.cordoned", "host.draining", "host.deleted"]
+
+
+# ---- a PATCH that changes nothing, and reservations under placed VMs (issue 9) ----------------
+
+
+def test_a_patch_that_changes_nothing_keeps_the_generation_and_emits_nothing(api: Api) -> None:
+    api.create_host("node-1", labels={"zone": "a"}, reserved_vcpus=2)
+    r = api.client.get("/v1/hosts/node-1", headers=api.admin)
+    body, etag = r.json(), r.headers["etag"]
+    before_events = head_id(api)
+    for same in (
+        {},
+        {"labels": {"zone": "a"}},
+        {"schedulable": True, "draining": False},
+        {"reserved_vcpus": 2, "reserved_memory_mib": 0},
+        {"cpu_allocation_ratio": body["cpu_allocation_ratio"]},
+    ):
+        r = api.client.patch("/v1/hosts/node-1", json=same, headers={**api.admin, "If-Match": etag})
+        assert r.status_code == 200, r.text
+        assert r.headers["etag"] == etag
+        assert r.json() == body
+    assert head_id(api) == before_events
+    assert api.client.get("/v1/hosts/node-1", headers=api.admin).json() == body
+    # A stale If-Match is still refused, even for a no-op.
+    r = api.client.patch("/v1/hosts/node-1", json={}, headers={**api.admin, "If-Match": '"999"'})
+    assert_problem(r, 412, "precondition_failed")
+    # A real change names only what changed.
+    r = api.client.patch(
+        "/v1/hosts/node-1", json={"labels": {"zone": "a"}, "schedulable": False},
+        headers={**api.admin, "If-Match": etag},
+    )
+    assert r.json()["generation"] == body["generation"] + 1
+    updated = api.client.get("/v1/events", params={"kind": "host.updated"}, headers=api.admin).json()["items"]
+    assert [e["data"]["changed"] for e in updated] == [["schedulable"]]
+
+
+def _full_host(api: Api) -> dict[str, Any]:
+    """A host with 4 GiB and 4 vCPUs (ratio 1), all taken by one placed VM."""
+    api.ready_host("node-1", vcpus=4, memory_mib=4096, cpu_allocation_ratio=1.0)
+    r = api.create_vm(name="big", vcpus=4, memory_mib=4096, tdx=False)
+    assert r.status_code == 201 and r.json()["status"] == "scheduled", r.text
+    return dict(api.client.get("/v1/hosts/node-1", headers=api.admin).json())
+
+
+def test_a_reservation_that_would_leave_placed_vms_over_capacity_is_409(api: Api) -> None:
+    _full_host(api)
+    before = snapshot(api)
+    events = head_id(api)
+    r = api.client.patch("/v1/hosts/node-1", json={"reserved_memory_mib": 4096}, headers=api.admin)
+    problem = assert_problem(r, 409, "reservation_exceeds_free")
+    assert (problem["resource"], problem["requested"], problem["in_use"], problem["capacity"]) == (
+        "memory_mib", 4096, 4096, 4096
+    )
+    r = api.client.patch("/v1/hosts/node-1", json={"reserved_vcpus": 1, "labels": {"a": "b"}}, headers=api.admin)
+    problem = assert_problem(r, 409, "reservation_exceeds_free")
+    assert (problem["resource"], problem["requested"], problem["in_use"], problem["capacity"]) == ("vcpus", 1, 4, 4)
+    r = api.client.patch("/v1/hosts/node-1", json={"cpu_allocation_ratio": 0.5}, headers=api.admin)
+    problem = assert_problem(r, 409, "allocation_ratio_below_usage")
+    assert (problem["requested"], problem["in_use"], problem["limit"]) == (0.5, 4, 2)
+    assert snapshot(api) == before and head_id(api) == events
+
+
+def test_a_reservation_within_what_is_free_is_accepted(api: Api) -> None:
+    api.ready_host("node-1", vcpus=4, memory_mib=4096, cpu_allocation_ratio=1.0)
+    assert api.create_vm(name="half", vcpus=2, memory_mib=2048, tdx=False).json()["status"] == "scheduled"
+    r = api.client.patch(
+        "/v1/hosts/node-1", json={"reserved_memory_mib": 2048, "reserved_vcpus": 2}, headers=api.admin
+    )
+    assert r.status_code == 200, r.text
+    assert (r.json()["reserved_memory_mib"], r.json()["reserved_vcpus"]) == (2048, 2)
+    # Nothing is left: the next VM stays pending.
+    assert api.create_vm(name="more", vcpus=1, memory_mib=1, tdx=False).json()["status"] == "pending"
+
+
+def test_loosening_a_host_that_is_over_capacity_already_is_accepted(api: Api) -> None:
+    """A host over capacity already (written behind the API's back here) may still be loosened."""
+    from sqlalchemy import update
+
+    from service.models import Host
+
+    api.ready_host("node-1", vcpus=4, memory_mib=4096, cpu_allocation_ratio=1.0, reserved_memory_mib=1024)
+    api.client.app.state.ctx.db.run_sync(  # type: ignore[attr-defined]
+        lambda s: s.execute(update(Host).values(used_memory_mib=3584, used_vcpus=6))
+    )
+    for loosen in ({"reserved_memory_mib": 512}, {"cpu_allocation_ratio": 1.2}, {"labels": {"a": "b"}}):
+        r = api.client.patch("/v1/hosts/node-1", json=loosen, headers=api.admin)
+        assert r.status_code == 200, r.text
+    r = api.client.patch("/v1/hosts/node-1", json={"reserved_memory_mib": 600}, headers=api.admin)
+    assert_problem(r, 409, "reservation_exceeds_free")

@@ -86,7 +86,7 @@ def _spawn_migrate(url: str, admin_token: str | None) -> subprocess.Popen[str]:
     )
 
 
-@pytest.mark.parametrize("admin_token", [None, "tdx_from-the-environment"], ids=["bootstrap", "env-token"])
+@pytest.mark.parametrize("admin_token", [None, "tdx_from-the-environment-of-32-chars"], ids=["bootstrap", "env-token"])
 def test_two_concurrent_migrate_commands_both_succeed(fresh_url: str, admin_token: str | None) -> None:
     assert TDX_SERVICE.exists(), f"{TDX_SERVICE} is missing: pip install -e . into .venv"
     procs = [_spawn_migrate(fresh_url, admin_token) for _ in range(2)]
@@ -116,7 +116,7 @@ def test_two_concurrent_migrate_commands_both_succeed(fresh_url: str, admin_toke
 def test_tdx_service_migrate_runs_as_a_module_too(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TDX_")}
     env["TDX_DATABASE_URL"] = f"sqlite:///{tmp_path / 'm.db'}"
-    env["TDX_ADMIN_TOKEN"] = "tdx_x"
+    env["TDX_ADMIN_TOKEN"] = "tdx_" + "x" * 40
     r = subprocess.run([sys.executable, "-m", "service.main", "migrate"], env=env, cwd=ROOT, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0, r.stderr

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -162,7 +165,9 @@ def test_serve_prints_the_admin_token_only_at_first_start(
 
 
 def test_serve_with_an_admin_token_prints_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    settings = Settings(database_url=f"sqlite:///{tmp_path / 'fresh.db'}", admin_token="tdx_from-the-environment")
+    settings = Settings(
+        database_url=f"sqlite:///{tmp_path / 'fresh.db'}", admin_token="tdx_from-the-environment-of-32-chars"
+    )
     service.main._prepare(settings)
     assert "tdx_" not in capsys.readouterr().out
 
@@ -195,3 +200,25 @@ def test_a_wake_up_racing_a_cancel_does_not_swallow_the_cancel() -> None:
         return bool(done) and task.cancelled()
 
     assert asyncio.run(scenario()), "the cancelled task kept running: shutdown would hang"
+
+
+@pytest.mark.parametrize("token", ["x", "tdx_" + "a" * 27, " " + "a" * 40])
+def test_a_weak_admin_token_refuses_to_start(tmp_path: Path, token: str) -> None:
+    """A one-character TDX_ADMIN_TOKEN was accepted: an admin password anyone could guess."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TDX_")}
+    env.update(TDX_DATABASE_URL=f"sqlite:///{tmp_path / 'weak.db'}", TDX_ADMIN_TOKEN=token)
+    r = subprocess.run([sys.executable, "-m", "service.main", "migrate"], env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode != 0
+    assert "refusing to start: TDX_ADMIN_TOKEN" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "weak.db").exists()
+    with pytest.raises(ValueError, match="admin token"):
+        Settings(database_url="sqlite://", admin_token=token)
+
+
+def test_an_admin_token_of_32_characters_starts(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TDX_")}
+    env.update(TDX_DATABASE_URL=f"sqlite:///{tmp_path / 'ok.db'}", TDX_ADMIN_TOKEN="a" * 32)
+    r = subprocess.run([sys.executable, "-m", "service.main", "migrate"], env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr

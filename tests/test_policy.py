@@ -336,3 +336,32 @@ def test_keyids_freed_outside_the_control_plane_place_the_waiting_tds(api: Api) 
     _beat(api, "h", load, keyids_in_use=0)
     assert "host.keyids_freed" in event_kinds(api, after)
     assert _wait_event(api, "vm.scheduled", vm["id"], after)["data"]["host"] == "h"
+
+
+def test_a_re_explained_pending_vm_emits_its_new_explanation_and_an_unchanged_one_nothing(api: Api) -> None:
+    """Issue 9: a pending VM's explanation changed (generation bumped) with no event; and a retry
+    that finds the same reasons must change nothing (no generation bump, no event)."""
+    _ready(api, "old", "1.5.06", labels={"pool": "old"})
+    _ready(api, "small", "1.5.10", memory_mib=4096, labels={"pool": "small"})
+    _put_policy(api, tdx_min_module_version="1.5.10")
+    same = api.create_vm(name="same", memory_mib=1024, selector={"pool": "old"}, priority=10).json()
+    moves = api.create_vm(name="moves", memory_mib=8192, selector={"pool": "small"}).json()
+    assert same["status"] == moves["status"] == "pending"
+    created = _wait_event(api, "vm.unschedulable", moves["id"])
+    assert created["data"]["generation"] == moves["generation"]
+    assert created["data"]["explanation"] == moves["explanation"]
+    after = head_id(api)
+    # The TD overhead shows in the memory shortfall of one VM, not in the module floor of the other.
+    _put_policy(api, td_memory_overhead_mib=512)
+    event = _wait_event(api, "vm.unschedulable", moves["id"], after)
+    now = _vm(api, moves["id"])
+    assert now["generation"] == moves["generation"] + 1 == event["data"]["generation"]
+    assert now["explanation"] == event["data"]["explanation"] != moves["explanation"]
+    assert "8192 MiB + 512 MiB TD overhead" in now["explanation"]
+    assert now["reasons"] == event["data"]["reasons"]
+    # The other was retried first in the same pass (higher priority) and found the same reasons.
+    assert _vm(api, same["id"]) == same
+    events = api.client.get(
+        "/v1/events", params={"after": after, "subject": same["id"]}, headers=api.admin
+    ).json()["items"]
+    assert events == []

@@ -97,7 +97,7 @@ def test_concurrent_creates_against_a_limit_give_exactly_the_limit(one_server: s
         _assert_exact(c, responses, "p")
 
 
-TOKEN = "tdx_quota-race-admin"
+TOKEN = "tdx_quota-race-admin-token-of-32-characters"
 
 
 @pytest.fixture

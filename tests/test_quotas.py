@@ -335,3 +335,22 @@ def test_kept_usage_equals_a_recount_after_a_mixed_sequence(api: Api) -> None:
             api.client.post(f"/v1/vms/{vm['id']}/status", json={"status": "running"}, headers=agent)
     api.report_load("h2")  # reboot
     assert _kept(api) == _recount(api)
+
+
+def test_a_put_that_changes_nothing_keeps_the_generation_and_emits_nothing(api: Api) -> None:
+    """The same limits again must not break everyone else's If-Match (issue 9)."""
+    first = api.client.put("/v1/projects/p/quota", json={"vms": 3, "vcpus": 8}, headers=api.admin)
+    assert first.status_code == 200
+    events = head_id(api)
+    again = api.client.put(
+        "/v1/projects/p/quota", json={"vms": 3, "vcpus": 8, "memory_mib": None},
+        headers={**api.admin, "If-Match": first.headers["etag"]},
+    )
+    assert again.status_code == 200, again.text
+    assert again.headers["etag"] == first.headers["etag"] and again.json() == first.json()
+    assert head_id(api) == events
+    # No limits on a project never seen: nothing is written, it does not appear in the listing.
+    r = api.client.put("/v1/projects/unseen/quota", json={}, headers=api.admin)
+    assert r.status_code == 200 and r.json()["generation"] == 0
+    assert head_id(api) == events
+    assert "unseen" not in [p["project"] for p in api.client.get("/v1/projects", headers=api.admin).json()["items"]]

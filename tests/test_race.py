@@ -17,7 +17,7 @@ import pytest
 from tests.conftest import POSTGRES_URL, load_body
 from tests.replicas import serve_replicas
 
-TOKEN = "tdx_race-admin"
+TOKEN = "tdx_race-admin-token-of-32-characters-or-more"
 HOSTS = 6
 KEYIDS_PER_HOST = 10
 REQUESTS = int(os.environ.get("RACE_REQUESTS", "240"))
@@ -86,3 +86,52 @@ def test_concurrent_creates_on_two_replicas_never_overcommit(replicas: list[str]
         assert len(events) == capacity
         ids = [e["id"] for e in events]
         assert ids == sorted(set(ids))
+
+
+async def _creates_and_reservations(urls: list[str], creates: int, reservations: list[int]) -> tuple[
+    list[httpx.Response], list[httpx.Response]
+]:
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    limits = httpx.Limits(max_connections=creates + len(reservations))
+    async with httpx.AsyncClient(headers=headers, timeout=120, limits=limits) as client:
+        start = asyncio.Event()
+
+        async def create(i: int) -> httpx.Response:
+            await start.wait()
+            body = {"name": f"vm-{i}", "vcpus": 1, "memory_mib": 256, "tdx": False}
+            return await client.post(f"{urls[i % len(urls)]}/v1/vms", json=body)
+
+        async def reserve(i: int, mib: int) -> httpx.Response:
+            await start.wait()
+            return await client.patch(f"{urls[i % len(urls)]}/v1/hosts/h", json={"reserved_memory_mib": mib})
+
+        made = [asyncio.create_task(create(i)) for i in range(creates)]
+        patched = [asyncio.create_task(reserve(i, mib)) for i, mib in enumerate(reservations)]
+        await asyncio.sleep(0.1)
+        start.set()
+        return list(await asyncio.gather(*made)), list(await asyncio.gather(*patched))
+
+
+def test_reservations_racing_placements_never_leave_vms_over_capacity(replicas: list[str]) -> None:
+    """Issue 9: a reservation is checked against what is placed under the host's row lock, and a
+    placement is a conditional UPDATE of that row: whatever the interleaving, no VM ends up over capacity."""
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    memory = 8192
+    reservations = [256 * ((i * 7) % 32) for i in range(24)]  # 0 .. 7936 MiB, in a scrambled order
+    with httpx.Client(base_url=replicas[0], headers=headers, timeout=30) as api:
+        assert api.post("/v1/hosts", json={"name": "h", "vcpus": 64, "memory_mib": memory}).status_code == 201
+        assert api.post("/v1/hosts/h/loads", json=load_body("ready", 10)).status_code == 201
+        made, patched = asyncio.run(_creates_and_reservations(replicas, 48, reservations))
+        assert {r.status_code for r in made} == {201}, {r.status_code: r.text for r in made}
+        for r in patched:
+            assert r.status_code in (200, 409), r.text
+            if r.status_code == 200:  # the host as the reservation committed it
+                assert r.json()["usage"]["memory_mib"] + r.json()["reserved_memory_mib"] <= memory
+            if r.status_code == 409:
+                problem = r.json()
+                assert problem["code"] == "reservation_exceeds_free"
+                assert problem["requested"] + problem["in_use"] > problem["capacity"]
+        # (The pending queue goes on placing the VMs that waited, under the same rule.)
+        host = api.get("/v1/hosts/h").json()
+        assert host["usage"]["memory_mib"] == 256 * host["usage"]["vms"]
+        assert host["usage"]["memory_mib"] + host["reserved_memory_mib"] <= memory

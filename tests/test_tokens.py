@@ -133,7 +133,7 @@ def test_agent_token_for_unknown_host_is_404(api: Api) -> None:
         {"Authorization": "Bearer tdx_not-a-real-token"},
         {"Authorization": "Bearer "},
         {"Authorization": "Basic dXNlcjpwYXNz"},
-        {"Authorization": "tdx_test-admin-token"},
+        {"Authorization": "tdx_test-admin-token-of-32-characters-or-more"},
     ],
 )
 def test_missing_or_unknown_token_is_401(api: Api, headers: dict[str, str]) -> None:
@@ -266,3 +266,61 @@ def test_whoami_tells_each_token_its_role_and_binding(api: Api, roles: dict[str,
     admin = api.client.get("/v1/whoami", headers=api.admin).json()
     assert admin == {"role": "admin", "token_id": "bootstrap-admin", "host": None, "project": None}
     assert_problem(api.client.get("/v1/whoami"), 401, "unauthorized")
+
+
+# ---- an agent token is bound to its host, not to the host's name (issue 9) --------------------
+
+
+def test_deleting_a_host_revokes_its_agent_tokens(api: Api) -> None:
+    api.create_host("node-1")
+    old_agent = _create(api, role="agent", host="node-1")
+    agent = _bearer(old_agent["token"])
+    assert api.client.get("/v1/hosts/node-1", headers=agent).status_code == 200
+
+    r = api.client.delete("/v1/hosts/node-1", headers=api.admin)
+    assert r.status_code == 204, r.text
+    assert_problem(api.client.get("/v1/hosts/node-1", headers=agent), 401, "unauthorized")
+    listed = {t["id"]: t for t in all_pages(api, "/v1/tokens")}
+    assert listed[old_agent["id"]]["revoked_at"] is not None
+    events = api.client.get("/v1/events", params={"kind": "host.deleted"}, headers=api.admin).json()["items"]
+    deleted = [e for e in events if e["kind"] == "host.deleted"]
+    assert deleted[-1]["data"]["agent_tokens_revoked"] == 1
+
+    # A new host of the same name is another host: the old agent's token does not act for it.
+    api.create_host("node-1")
+    body = load_body()
+    for method, path, payload in [
+        ("GET", "/v1/hosts/node-1", None),
+        ("POST", "/v1/hosts/node-1/loads", body),
+        ("GET", "/v1/hosts/node-1/vms", None),
+    ]:
+        assert_problem(api.client.request(method, path, json=payload, headers=agent), 401, "unauthorized")
+    # ... a new token does.
+    new_agent = _bearer(_create(api, role="agent", host="node-1")["token"])
+    r = api.client.post("/v1/hosts/node-1/loads", json=body, headers=new_agent)
+    assert r.status_code == 201, r.text
+
+
+def test_a_host_deletion_leaves_other_hosts_agents_alone(api: Api) -> None:
+    api.create_host("node-1")
+    api.create_host("node-2")
+    other = _bearer(_create(api, role="agent", host="node-2")["token"])
+    _create(api, role="agent", host="node-1")
+    assert api.client.delete("/v1/hosts/node-1", headers=api.admin).status_code == 204
+    assert api.client.get("/v1/hosts/node-2", headers=other).status_code == 200
+
+
+def test_an_agent_token_whose_host_row_is_gone_is_refused(api: Api) -> None:
+    """Even unrevoked (a host row deleted behind the API's back), a token of a missing host acts for
+    no host: the binding is the host's id."""
+    api.create_host("node-1")
+    created = _create(api, role="agent", host="node-1")
+
+    def _drop(s: Any) -> None:
+        from service.models import Host
+
+        s.delete(s.scalars(select(Host).where(Host.name == "node-1")).one())
+
+    api.client.app.state.ctx.db.run_sync(_drop)  # type: ignore[attr-defined]
+    api.create_host("node-1")
+    assert_problem(api.client.get("/v1/hosts/node-1", headers=_bearer(created["token"])), 401, "unauthorized")

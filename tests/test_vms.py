@@ -384,3 +384,22 @@ def test_roles_that_may_not_create_vms(api: Api) -> None:
         assert api.create_vm(headers=headers, name="x").status_code == 403
     assert api.create_vm(headers={"Authorization": "Bearer nope"}, name="x").status_code == 401
     assert api.client.get("/v1/vms", headers=api.admin).json()["items"] == []
+
+
+def test_a_selector_is_the_requests_scope_in_its_explanation(api: Api) -> None:
+    """Hosts the selector excludes are selector_mismatch before any other reason (issue 9): the rest
+    of the explanation speaks only of the hosts asked for."""
+    api.ready_host("a-ready", labels={"zone": "a"})
+    api.ready_host("a-disabled", state="disabled", labels={"zone": "a"})
+    api.ready_host("b-disabled", state="disabled", labels={"zone": "b"})
+    vm = api.create_vm(name="in-b", selector={"zone": "b"}).json()
+    assert vm["status"] == "pending"
+    assert vm["reasons"] == {"selector_mismatch": 2, "tdx_disabled": 1}
+    assert vm["explanation"] == (
+        "0/3 hosts fit: 2 selector_mismatch (selector zone=b), 1 tdx_disabled (not opted in at kvm_intel load)"
+    )
+    preview = api.client.post(
+        "/v1/schedule/preview", json={"name": "p", "vcpus": 2, "memory_mib": 2048, "tdx": True,
+                                      "selector": {"zone": "b"}}, headers=api.admin,
+    ).json()
+    assert preview["reasons"] == vm["reasons"]

@@ -139,7 +139,9 @@ async def get_host(
     "/{name}",
     response_model=HostOut,
     operation_id="updateHost",
-    responses=problems("host_not_found", "precondition_failed"),
+    responses=problems(
+        "host_not_found", "precondition_failed", "reservation_exceeds_free", "allocation_ratio_below_usage"
+    ),
     summary="Change labels, cordon, drain or reservations (If-Match honoured)",
     openapi_extra=roles("admin"),
 )
@@ -169,7 +171,9 @@ async def patch_host(
 )
 async def delete_host(name: Name, request: Request, principal: Principal = Depends(current_principal)) -> Response:
     principal.require("admin")
-    await get_context(request).db.run(lambda s: service.delete_host(s, name))
+    ctx = get_context(request)
+    await ctx.db.run(lambda s: service.delete_host(s, name))
+    ctx.token_cache.clear()  # the host's agent tokens are revoked (other replicas: within the cache TTL)
     return Response(status_code=204)
 
 

@@ -44,7 +44,7 @@ from service.hosts.schemas import (
     TdxOut,
     UsageOut,
 )
-from service.models import Host, HostLabel, Load
+from service.models import Host, HostLabel, Load, Token
 from service.pagination import Page, encode_cursor
 from service.policy.versions import version_key
 
@@ -334,17 +334,62 @@ def check_if_match(host: Host, header: str | None) -> None:
         )
 
 
+_PATCHED_FIELDS = ("schedulable", "draining", "reserved_vcpus", "reserved_memory_mib", "cpu_allocation_ratio")
+
+
+def _refuse_capacity_below_usage(host: Host, changes: dict[str, Any]) -> None:
+    """A reservation or allocation ratio that would leave the VMs placed on the host over its
+    capacity is refused (loosening one, even on a host that is over already, is not). The host row
+    is locked (FOR UPDATE; SQLite has one writer), and every placement is a conditional UPDATE of
+    this row, so no claim can slip in between this check and the write."""
+    reserved_memory = changes.get("reserved_memory_mib", host.reserved_memory_mib)
+    if reserved_memory > host.reserved_memory_mib:
+        free = host.memory_mib - reserved_memory - host.pamt_mib - host.used_memory_mib
+        if free < 0:
+            raise ProblemError(
+                409, "reservation_exceeds_free",
+                f"reserving {reserved_memory} MiB on host {host.name!r} would leave its VMs over capacity: "
+                f"{host.used_memory_mib} MiB in use + {host.pamt_mib} MiB PAMT of {host.memory_mib} MiB "
+                f"leaves at most {max(host.memory_mib - host.pamt_mib - host.used_memory_mib, 0)} MiB to reserve",
+                resource="memory_mib", requested=reserved_memory, in_use=host.used_memory_mib,
+                pamt_mib=host.pamt_mib, capacity=host.memory_mib,
+            )
+    reserved_vcpus = changes.get("reserved_vcpus", host.reserved_vcpus)
+    ratio = changes.get("cpu_allocation_ratio", host.cpu_allocation_ratio)
+    tighter = reserved_vcpus > host.reserved_vcpus or ratio < host.cpu_allocation_ratio
+    limit = (host.vcpus - reserved_vcpus) * ratio
+    if tighter and host.used_vcpus > limit:
+        if reserved_vcpus > host.reserved_vcpus:
+            code, what = "reservation_exceeds_free", f"reserving {reserved_vcpus} vCPUs"
+        else:
+            code, what = "allocation_ratio_below_usage", f"a CPU allocation ratio of {ratio}"
+        raise ProblemError(
+            409, code,
+            f"{what} on host {host.name!r} would leave its VMs over capacity: {host.used_vcpus} vCPUs in use, "
+            f"({host.vcpus} - {reserved_vcpus} reserved) x {ratio} = {limit:g} schedulable",
+            resource="vcpus", requested=reserved_vcpus if code == "reservation_exceeds_free" else ratio,
+            in_use=host.used_vcpus, capacity=host.vcpus, reserved_vcpus=reserved_vcpus,
+            cpu_allocation_ratio=ratio, limit=limit,
+        )
+
+
 def patch_host(session: Session, name: str, body: HostPatch, if_match: str | None) -> Host:
+    """Change what ``body`` sets. A PATCH that changes nothing changes nothing: same generation (so
+    everyone's If-Match still holds), no event."""
     host = get_host_row(session, name, for_update=True)
     check_if_match(host, if_match)
-    changes = body.model_dump(exclude_unset=True)
-    reserved_vcpus = changes.get("reserved_vcpus", host.reserved_vcpus)
-    reserved_memory = changes.get("reserved_memory_mib", host.reserved_memory_mib)
+    sent = body.model_dump(exclude_unset=True)
+    reserved_vcpus = sent.get("reserved_vcpus", host.reserved_vcpus)
+    reserved_memory = sent.get("reserved_memory_mib", host.reserved_memory_mib)
     if reserved_vcpus > host.vcpus or reserved_memory > host.memory_mib:
         raise ProblemError(422, "validation_error", "reservation exceeds the host's capacity", errors=[])
+    changes = {f: v for f, v in sent.items() if (host.labels if f == "labels" else getattr(host, f)) != v}
+    if not changes:
+        return host
+    _refuse_capacity_below_usage(host, changes)
     was_schedulable = host.schedulable
     was_draining = host.draining
-    for field in ("schedulable", "draining", "reserved_vcpus", "reserved_memory_mib", "cpu_allocation_ratio"):
+    for field in _PATCHED_FIELDS:
         if field in changes:
             setattr(host, field, changes[field])
     if "labels" in changes:
@@ -385,8 +430,12 @@ def delete_host(session: Session, name: str) -> None:
         raise ProblemError(
             409, "host_not_empty", f"host {name!r} still has {host.vm_count} active VM(s); drain it first"
         )
+    # Its agent tokens die with it: a new host of the same name is another host, with its own agent.
+    revoked = session.connection().execute(
+        update(Token).where(Token.host_id == host.id, Token.revoked_at.is_(None)).values(revoked_at=utcnow())
+    ).rowcount
     session.delete(host)
-    emit(session, "host.deleted", name, {"id": str(host.id)})
+    emit(session, "host.deleted", name, {"id": str(host.id), "agent_tokens_revoked": revoked})
 
 
 def _facts(body: LoadReport) -> LoadFacts:

@@ -54,6 +54,10 @@ def set_quota(session: Session, project: str, body: QuotaLimits, if_match: str |
             f"project {project!r}'s quota is at generation {current}, not {if_match}",
             current_generation=current,
         )
+    wanted = (body.vms, body.vcpus, body.memory_mib, body.tdx_vms)
+    stored = (row.limit_vms, row.limit_vcpus, row.limit_memory_mib, row.limit_tdx_vms) if row else (None,) * 4
+    if wanted == stored:
+        return quota_out(project, row)  # the same limits: same generation, no event
     if row is None:
         quota.ensure_project(session, project)
         row = session.scalars(select(Project).where(Project.name == project).with_for_update()).one()

@@ -299,8 +299,11 @@ class AntiAffinityFilter:
         ]
 
 
-# The registry: order matters (see the module docstring).
+# The registry: order matters (see the module docstring). A request's selector is its scope (API.md):
+# the hosts it excludes are selector_mismatch whatever else is wrong with them, so that every other
+# reason in an explanation speaks only of the hosts the request asked for.
 FILTERS: tuple[Filter, ...] = (
+    SelectorFilter(),
     TdxReadinessFilter(),
     LivenessFilter(),
     AdminStateFilter(),
@@ -312,7 +315,6 @@ FILTERS: tuple[Filter, ...] = (
     VcpuFilter(),
     MemoryFilter(),
     TdBuildBurstFilter(),
-    SelectorFilter(),
     AntiAffinityFilter(),
 )
 

@@ -44,6 +44,7 @@ from service.vms.service import (
     CLAIM_CONFLICTS,
     PlacementSettings,
     apply_action,
+    emit_unschedulable,
     emit_vm_event,
     purge_idempotency_keys,
     try_place,
@@ -222,14 +223,18 @@ def retry(session: Session, vm_id: uuid.UUID, ps: PlacementSettings, rng: random
         return "failed", 0
     policy = fleet_policy.current(session, ps.policy_defaults)
     # Re-explained at most every REEXPLAIN_AFTER, and at once under a policy newer than its explanation.
-    explain = now - as_utc(vm.updated_at) >= REEXPLAIN_AFTER or (
-        policy.updated_at is not None and as_utc(vm.updated_at) < policy.updated_at
+    explained_at = as_utc(vm.explained_at or vm.updated_at)
+    explain = now - explained_at >= REEXPLAIN_AFTER or (
+        policy.updated_at is not None and explained_at < policy.updated_at
     )
+    generation = vm.generation
     placed = try_place(session, vm, ps, rng, now, explain=explain, policy=policy.scheduler)
     conflicts: int = session.info.get(CLAIM_CONFLICTS, 0)
     if placed:
         emit_vm_event(session, "vm.scheduled", vm)
         return "scheduled", conflicts
+    if vm.generation != generation:  # explained anew: watchers learn why it still waits
+        emit_unschedulable(session, vm)
     return ("contended" if conflicts else "pending"), conflicts
 
 

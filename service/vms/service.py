@@ -148,9 +148,9 @@ def try_place(
     session.info[CLAIM_CONFLICTS] = session.info.get(CLAIM_CONFLICTS, 0) + placement.conflicts
     if placement.host is None and not explain:
         return False
-    vm.updated_at = now
-    vm.generation += 1
     if placement.host is not None:
+        vm.updated_at = now
+        vm.generation += 1
         vm.status = VmStatus.SCHEDULED.value
         vm.host_id = placement.host.id
         vm.host_name = placement.host.name
@@ -162,9 +162,21 @@ def try_place(
     text = explanation(req, rc)
     if rc.fits > 0:
         text += f"; {placement.conflicts} claim(s) lost to concurrent placements, retrying"
+    vm.explained_at = now
+    if text == vm.explanation and rc.counts == vm.reasons:
+        return False  # the same reasons: nothing changed (no generation bump, so no event owed)
+    vm.updated_at = now
+    vm.generation += 1
     vm.explanation = text
     vm.reasons = rc.counts
     return False
+
+
+def emit_unschedulable(session: Session, vm: Vm) -> None:
+    """A pending VM's explanation is news: at creation, and whenever a retry explains it anew."""
+    emit_vm_event(
+        session, "vm.unschedulable", vm, explanation=vm.explanation, reasons=vm.reasons, generation=vm.generation
+    )
 
 
 def _existing_for_key(session: Session, principal: Principal, key: str, ttl_s: int) -> IdempotencyKey | None:
@@ -247,7 +259,7 @@ def create_vm(
     if placed:
         emit_vm_event(session, "vm.scheduled", vm)
     else:
-        emit_vm_event(session, "vm.unschedulable", vm, explanation=vm.explanation, reasons=vm.reasons)
+        emit_unschedulable(session, vm)
     return vm, True
 
 

@@ -344,11 +344,11 @@ def test_agent_keeps_going_while_the_server_is_down(app: FastAPI, tmp_path: Path
             server = serve(app, sock)
             url_up = server.__enter__()
             assert url_up == url
-            setup = Admin(url, "tdx_test-admin-token")
+            setup = Admin(url, "tdx_test-admin-token-of-32-characters-or-more")
             setup.host_with_agent("node1")
             setup.close()
 
-    client = TdxClient(url, "tdx_test-admin-token", retries=0)
+    client = TdxClient(url, "tdx_test-admin-token-of-32-characters-or-more", retries=0)
     config = AgentConfig("node1", FIXTURES / "ready-cmdline", os.devnull, INTERVAL, once=False, settle_s=0)
     agent = Agent(client, config, StateStore(tmp_path / "state"), sleep=sleep, rng=random.Random(1))
     try:
@@ -357,7 +357,7 @@ def test_agent_keeps_going_while_the_server_is_down(app: FastAPI, tmp_path: Path
         assert len(waits) == 4
         for attempt, wait in enumerate(waits):
             assert 2.0**attempt / 2 <= wait <= 2.0**attempt
-        admin = Admin(url, "tdx_test-admin-token")
+        admin = Admin(url, "tdx_test-admin-token-of-32-characters-or-more")
         host = admin.host("node1")
         assert host["tdx"]["state"] == "ready" and host["alive"]
         admin.close()

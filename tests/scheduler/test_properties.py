@@ -287,3 +287,19 @@ def test_weighers_stay_within_zero_and_one(fleet: list[HostView], req: VmRequest
 
 def test_fixture_times_are_timezone_aware() -> None:
     assert as_utc(datetime(2026, 1, 1)).tzinfo is not None
+
+
+@SETTINGS
+@given(fleet=fleets(), req=requests, ctx=contexts())
+def test_a_selector_is_the_requests_scope(db: Database, fleet: list[HostView], req: VmRequest, ctx: Context) -> None:
+    """Every host the selector excludes counts as selector_mismatch, whatever else is wrong with it;
+    the other reasons count only hosts the selector admits (API.md: a request's selector is its scope)."""
+    outside = [h for h in fleet if any(h.labels.get(k) != v for k, v in req.selector)]
+    with db.session() as s:
+        _store(s, fleet)
+        rc = count_reasons(s, req, ctx)
+        s.rollback()
+    assert rc.counts.get("selector_mismatch", 0) == len(outside)
+    inside = [h for h in fleet if h not in outside]
+    assert sum(n for code, n in rc.counts.items() if code != "selector_mismatch") + rc.fits == len(inside)
+    assert all(first_rejection(h, req, ctx) == "selector_mismatch" for h in outside)
