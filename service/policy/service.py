@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Row, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -38,7 +38,7 @@ class EffectivePolicy:
     updated_at: datetime | None  # None: never set (the defaults apply)
 
 
-def _effective(row: FleetPolicy | None, defaults: PolicyDefaults) -> EffectivePolicy:
+def _effective(row: FleetPolicy | Row[Any] | None, defaults: PolicyDefaults) -> EffectivePolicy:
     if row is None or row.generation == 0:
         return EffectivePolicy(
             Policy(
@@ -66,8 +66,20 @@ def _effective(row: FleetPolicy | None, defaults: PolicyDefaults) -> EffectivePo
     )
 
 
+# Built once; a plain row, not an ORM object: every placement reads it (an ORM get cost more than
+# the rest of the placement's reads together).
+_CURRENT = select(
+    FleetPolicy.tdx_min_module_version,
+    FleetPolicy.tdx_min_module_key,
+    FleetPolicy.max_td_builds_per_host,
+    FleetPolicy.td_memory_overhead_mib,
+    FleetPolicy.generation,
+    FleetPolicy.updated_at,
+).where(FleetPolicy.id == POLICY_ID)
+
+
 def current(session: Session, defaults: PolicyDefaults) -> EffectivePolicy:
-    return _effective(session.get(FleetPolicy, POLICY_ID), defaults)
+    return _effective(session.connection().execute(_CURRENT).first(), defaults)
 
 
 def policy_out(policy: EffectivePolicy, defaults: PolicyDefaults) -> PolicyOut:

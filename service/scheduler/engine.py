@@ -9,7 +9,7 @@ fleet. Only when nothing fits does the scheduler count, over all hosts, why.
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,10 +20,17 @@ from sqlalchemy.sql.expression import Executable
 from service.clock import as_utc
 from service.hosts.readiness import TdxState
 from service.models import Host, UTCDateTime
+from service.prepared import Prepared
 from service.scheduler.claims import try_claim
 from service.scheduler.filters import all_rejections
 from service.scheduler.types import Context, HostView, Policy, VmRequest
-from service.scheduler.weighers import Weighted, score
+from service.scheduler.weighers import (
+    FreeMemoryWeigher,
+    FreeVcpuWeigher,
+    TdxAffinityWeigher,
+    Weighted,
+    score,
+)
 
 # States whose hosts may run a VM of each kind (failed hosts only while kvm_intel is loaded).
 TDX_STATES = (TdxState.READY.value,)
@@ -60,6 +67,53 @@ _HOST_COLUMNS = (
     Host.pamt_mib,
     Host.tds_building,
 )
+
+
+_COL = {c.key: i for i, c in enumerate(_HOST_COLUMNS)}
+_READY = TdxState.READY.value
+
+
+def row_scorer(weighers: tuple[Weighted, ...], req: VmRequest) -> Callable[[Sequence[Any]], float] | None:
+    """``weighers.score`` on a shortlist row (before any column is converted), for the built-in
+    weighers (None for any other): the same arithmetic in the same order, so the same floats
+    (a property test holds the two equal)."""
+    terms: list[tuple[str, float]] = []
+    for w in weighers:
+        kind = type(w.weigher)
+        if kind is FreeMemoryWeigher:
+            terms.append(("memory", w.multiplier))
+        elif kind is FreeVcpuWeigher:
+            terms.append(("vcpus", w.multiplier))
+        elif kind is TdxAffinityWeigher:
+            terms.append(("tdx", w.multiplier))
+        else:
+            return None
+    mem, res_mem, used_mem, pamt, cpus, res_cpus, ratio, used_cpus = (
+        _COL[k]
+        for k in (
+            "memory_mib", "reserved_memory_mib", "used_memory_mib", "pamt_mib",
+            "vcpus", "reserved_vcpus", "cpu_allocation_ratio", "used_vcpus",
+        )
+    )
+    state = _COL["tdx_state"]
+    need_mem, need_cpus, tdx = req.memory_mib, req.vcpus, req.tdx
+
+    def scorer(r: Sequence[Any]) -> float:
+        total: float = 0
+        for term, multiplier in terms:
+            if term == "memory":
+                usable = r[mem] - r[res_mem]
+                free = usable - r[pamt] - r[used_mem]
+                value = 0.0 if usable <= 0 else max(0.0, min(1.0, (free - need_mem) / usable))
+            elif term == "vcpus":
+                limit = (r[cpus] - r[res_cpus]) * r[ratio]
+                value = 0.0 if limit <= 0 else max(0.0, min(1.0, ((limit - r[used_cpus]) - need_cpus) / limit))
+            else:
+                value = 1.0 if tdx else (0.0 if r[state] == _READY else 1.0)
+            total += multiplier * value
+        return total
+
+    return scorer
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,7 +160,7 @@ def _build_shortlist(req: VmRequest, ctx: Context, cfg: SchedulerConfig) -> Exec
 # Shortlist statements are built once per request shape, with the request's values as bound
 # parameters: building the expression tree and its cache key cost far more than running it.
 _ShapeKey = tuple[bool, str, int, int, bool, bool, bool]
-_shortlists: dict[_ShapeKey, Executable] = {}
+_shortlists: dict[_ShapeKey, Prepared] = {}
 
 
 def _template_ctx(floor: bool) -> Context:
@@ -140,7 +194,7 @@ def _shortlist_params(req: VmRequest, ctx: Context) -> dict[str, object]:
     return params
 
 
-def _cached_shortlist(req: VmRequest, ctx: Context, cfg: SchedulerConfig) -> Executable:
+def _cached_shortlist(req: VmRequest, ctx: Context, cfg: SchedulerConfig) -> Prepared:
     shape = _shape(req, ctx, cfg)
     stmt = _shortlists.get(shape)
     if stmt is None:
@@ -155,16 +209,21 @@ def _cached_shortlist(req: VmRequest, ctx: Context, cfg: SchedulerConfig) -> Exe
             anti_affinity_group=None if req.anti_affinity_group is None else bindparam("group", type_=String),  # type: ignore[arg-type]
             attestation=req.attestation,
         )
-        stmt = _build_shortlist(template, _template_ctx(ctx.policy.min_module_key is not None), cfg)
+        stmt = Prepared(_build_shortlist(template, _template_ctx(ctx.policy.min_module_key is not None), cfg))
         _shortlists[shape] = stmt
     return stmt
 
 
-def shortlist(session: Session, req: VmRequest, ctx: Context, cfg: SchedulerConfig) -> list[HostView]:
+def _shortlist_rows(session: Session, req: VmRequest, ctx: Context, cfg: SchedulerConfig) -> list[Any]:
+    """The shortlist's rows as the driver returns them (no column converted yet)."""
     if session.new or session.dirty or session.deleted:
         session.flush()  # what autoflush would do: the query sees this transaction's pending changes
-    rows = session.connection().execute(_cached_shortlist(req, ctx, cfg), _shortlist_params(req, ctx)).all()
-    return [_view(row) for row in rows]
+    return _cached_shortlist(req, ctx, cfg).raw_rows(session.connection(), _shortlist_params(req, ctx))
+
+
+def shortlist(session: Session, req: VmRequest, ctx: Context, cfg: SchedulerConfig) -> list[HostView]:
+    convert = _cached_shortlist(req, ctx, cfg).converter(session.connection().dialect)
+    return [_view(convert(row)) for row in _shortlist_rows(session, req, ctx, cfg)]
 
 
 def _view(row: Sequence[Any]) -> HostView:
@@ -181,10 +240,44 @@ def rank(hosts: list[HostView], req: VmRequest, cfg: SchedulerConfig, rng: rando
     return scored
 
 
+def _rank_rows(rows: list[Any], req: VmRequest, cfg: SchedulerConfig, rng: random.Random) -> list[tuple[float, Any]]:
+    """``rank`` on the shortlist's raw rows: the same scores (weighers.row_scorer, held equal to
+    ``score`` by a property test), the same noise drawn in the same order, the same order; only the
+    rows a claim is tried on are then converted to a HostView."""
+    scorer = row_scorer(cfg.weighers, req)
+    if scorer is None:
+        raise LookupError("no row scorer for these weighers")
+    scored = [(scorer(r), rng.random() * cfg.jitter, r) for r in rows]
+    scored.sort(key=lambda t: (-(t[0] + t[1]), t[2][1]))
+    return [(sc, r) for sc, _, r in scored]
+
+
 def place(
     session: Session, req: VmRequest, ctx: Context, cfg: SchedulerConfig, rng: random.Random
 ) -> Placement:
     """Claim a host for ``req`` in the caller's transaction, or return ``host=None``."""
+    if row_scorer(cfg.weighers, req) is None:
+        return _place_views(session, req, ctx, cfg, rng)
+    conflicts = 0
+    ranked: list[Candidate] = []
+    convert = _cached_shortlist(req, ctx, cfg).converter(session.connection().dialect)
+    for _ in range(cfg.rounds):
+        rows = _rank_rows(_shortlist_rows(session, req, ctx, cfg), req, cfg, rng)
+        if not rows:
+            break
+        ranked = []
+        for sc, row in rows:
+            cand = Candidate(_view(convert(row)), sc)
+            ranked.append(cand)
+            if try_claim(session, cand.host, req, ctx):
+                return Placement(cand.host, conflicts, tuple(ranked))
+            conflicts += 1
+    return Placement(None, conflicts, tuple(ranked))
+
+
+def _place_views(
+    session: Session, req: VmRequest, ctx: Context, cfg: SchedulerConfig, rng: random.Random
+) -> Placement:
     conflicts = 0
     ranked: list[Candidate] = []
     for _ in range(cfg.rounds):
