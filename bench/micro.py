@@ -90,6 +90,7 @@ def main() -> None:
     parser.add_argument("--conc", type=int, default=16)
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--top", type=int, default=45)
+    parser.add_argument("--sort", default="cumulative", help="cProfile sort key (cumulative, tottime)")
     args = parser.parse_args()
 
     tmp = tempfile.mkdtemp(prefix="tdx-micro-")
@@ -124,7 +125,7 @@ def main() -> None:
         cpu, wall, codes = await _drive(app, args.n, args.conc)
         if prof:
             prof.disable()
-            pstats.Stats(prof).sort_stats("cumulative").print_stats(args.top)
+            pstats.Stats(prof).sort_stats(args.sort).print_stats(args.top)
         print(f"ceiling: {c_cpu / args.n * 1000:.3f} ms CPU/req")
         print(f"creates: {cpu / args.n * 1000:.3f} ms CPU/req, {args.n / wall:.0f}/s wall, codes {codes}")
         print(f"ratio (ceiling CPU / create CPU): {c_cpu / cpu:.3f}")

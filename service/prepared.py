@@ -22,6 +22,7 @@ from typing import Any, cast
 
 from sqlalchemy import Connection
 from sqlalchemy.engine import CursorResult, Dialect
+from sqlalchemy.orm import Session
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.expression import ClauseElement, Executable
 
@@ -36,6 +37,22 @@ class _Compiled:
     fixed: Mapping[str, Any]  # values the statement itself carries (literals bound as parameters)
     bind: Mapping[str, Callable[[Any], Any]]
     result: tuple[Processor, ...]  # per selected or returned column
+
+
+_CONNECTION = "tdx_connection"
+
+
+def connection(session: Session) -> Connection:
+    """``session.connection()``, looked up once per transaction (the ORM's lookup costs about as
+    much as running one of the hot path's statements)."""
+    tx = session.get_transaction()
+    cached = session.info.get(_CONNECTION)
+    if tx is not None and cached is not None and cached[0] is tx:
+        conn: Connection = cached[1]
+        return conn
+    conn = session.connection()
+    session.info[_CONNECTION] = (session.get_transaction(), conn)
+    return conn
 
 
 def _result_processor(type_: Any, dialect: Dialect) -> Processor:
@@ -88,6 +105,21 @@ class Prepared:
         if c.positional:
             return conn.exec_driver_sql(c.sql, tuple(values[n] for n in c.names))
         return conn.exec_driver_sql(c.sql, {n: values[n] for n in c.names})
+
+    def run_many(self, conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Execute once per parameter set, as one ``executemany``."""
+        c = self.compiled(conn.dialect)
+        if c is None:
+            conn.execute(self.stmt, [dict(r) for r in rows])
+            return
+        sets = []
+        for params in rows:
+            values = {**c.fixed, **params}
+            for name, proc in c.bind.items():
+                if name in values:
+                    values[name] = proc(values[name])
+            sets.append(tuple(values[n] for n in c.names) if c.positional else {n: values[n] for n in c.names})
+        conn.exec_driver_sql(c.sql, sets)
 
     def raw_rows(self, conn: Connection, params: Mapping[str, Any]) -> list[Any]:
         """The driver's rows, no column converted (see :meth:`converter`)."""

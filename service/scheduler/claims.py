@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 
 from service.clock import utcnow
 from service.models import Host, UTCDateTime
-from service.prepared import Prepared
+from service.prepared import Prepared, connection
 from service.scheduler.filters import keyids_in_use_sql, td_vcpu_limit_sql, vcpu_limit_sql
 from service.scheduler.types import Context, HostView, VmRequest, memory_charge
 
@@ -62,7 +62,7 @@ _CLAIM = Prepared(
 def try_claim(session: Session, host: HostView, req: VmRequest, ctx: Context) -> bool:
     """Claim ``req``'s resources on ``host`` (its memory charge includes the policy's per-TD
     overhead, and a TD takes a build slot), or change nothing."""
-    conn = session.connection()
+    conn = connection(session)
     savepoint = conn.dialect.name == "postgresql"
     if savepoint:
         conn.exec_driver_sql("SAVEPOINT tdx_claim")

@@ -20,7 +20,7 @@ from sqlalchemy.sql.expression import Executable
 from service.clock import as_utc
 from service.hosts.readiness import TdxState
 from service.models import Host, UTCDateTime
-from service.prepared import Prepared
+from service.prepared import Prepared, connection
 from service.scheduler.claims import try_claim
 from service.scheduler.filters import all_rejections
 from service.scheduler.types import Context, HostView, Policy, VmRequest
@@ -218,11 +218,11 @@ def _shortlist_rows(session: Session, req: VmRequest, ctx: Context, cfg: Schedul
     """The shortlist's rows as the driver returns them (no column converted yet)."""
     if session.new or session.dirty or session.deleted:
         session.flush()  # what autoflush would do: the query sees this transaction's pending changes
-    return _cached_shortlist(req, ctx, cfg).raw_rows(session.connection(), _shortlist_params(req, ctx))
+    return _cached_shortlist(req, ctx, cfg).raw_rows(connection(session), _shortlist_params(req, ctx))
 
 
 def shortlist(session: Session, req: VmRequest, ctx: Context, cfg: SchedulerConfig) -> list[HostView]:
-    convert = _cached_shortlist(req, ctx, cfg).converter(session.connection().dialect)
+    convert = _cached_shortlist(req, ctx, cfg).converter(connection(session).dialect)
     return [_view(convert(row)) for row in _shortlist_rows(session, req, ctx, cfg)]
 
 
@@ -260,7 +260,7 @@ def place(
         return _place_views(session, req, ctx, cfg, rng)
     conflicts = 0
     ranked: list[Candidate] = []
-    convert = _cached_shortlist(req, ctx, cfg).converter(session.connection().dialect)
+    convert = _cached_shortlist(req, ctx, cfg).converter(connection(session).dialect)
     for _ in range(cfg.rounds):
         rows = _rank_rows(_shortlist_rows(session, req, ctx, cfg), req, cfg, rng)
         if not rows:
