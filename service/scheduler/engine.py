@@ -9,7 +9,8 @@ fleet. Only when nothing fits does the scheduler count, over all hosts, why.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -194,22 +195,42 @@ def _shortlist_params(req: VmRequest, ctx: Context) -> dict[str, object]:
     return params
 
 
+TemplateKey = tuple[bool, int, bool, bool, bool]
+
+
+def template_key(req: VmRequest, ctx: Context) -> TemplateKey:
+    """What a request's statements depend on besides its values (see :func:`template`)."""
+    return (
+        req.tdx, len(req.selector), req.anti_affinity_group is not None, req.attestation,
+        ctx.policy.min_module_key is not None,
+    )
+
+
+def template(req: VmRequest, ctx: Context) -> tuple[VmRequest, Context]:
+    """The request and context of ``req``'s shape with bound parameters for their values (bound by
+    :func:`template_params`): filters build their SQL from it once per shape."""
+    req_t = VmRequest(
+        vcpus=bindparam("vcpus", type_=Integer),  # type: ignore[arg-type]
+        memory_mib=bindparam("memory_mib", type_=BigInteger),  # type: ignore[arg-type]
+        tdx=req.tdx,
+        selector=tuple(
+            (bindparam(f"label_key_{i}", type_=String), bindparam(f"label_value_{i}", type_=String))  # type: ignore[misc]
+            for i in range(len(req.selector))
+        ),
+        anti_affinity_group=None if req.anti_affinity_group is None else bindparam("group", type_=String),  # type: ignore[arg-type]
+        attestation=req.attestation,
+    )
+    return req_t, _template_ctx(ctx.policy.min_module_key is not None)
+
+
+template_params = _shortlist_params
+
+
 def _cached_shortlist(req: VmRequest, ctx: Context, cfg: SchedulerConfig) -> Prepared:
     shape = _shape(req, ctx, cfg)
     stmt = _shortlists.get(shape)
     if stmt is None:
-        template = VmRequest(
-            vcpus=bindparam("vcpus", type_=Integer),  # type: ignore[arg-type]
-            memory_mib=bindparam("memory_mib", type_=BigInteger),  # type: ignore[arg-type]
-            tdx=req.tdx,
-            selector=tuple(
-                (bindparam(f"label_key_{i}", type_=String), bindparam(f"label_value_{i}", type_=String))  # type: ignore[misc]
-                for i in range(len(req.selector))
-            ),
-            anti_affinity_group=None if req.anti_affinity_group is None else bindparam("group", type_=String),  # type: ignore[arg-type]
-            attestation=req.attestation,
-        )
-        stmt = Prepared(_build_shortlist(template, _template_ctx(ctx.policy.min_module_key is not None), cfg))
+        stmt = Prepared(_build_shortlist(*template(req, ctx), cfg))
         _shortlists[shape] = stmt
     return stmt
 
@@ -240,16 +261,62 @@ def rank(hosts: list[HostView], req: VmRequest, cfg: SchedulerConfig, rng: rando
     return scored
 
 
-def _rank_rows(rows: list[Any], req: VmRequest, cfg: SchedulerConfig, rng: random.Random) -> list[tuple[float, Any]]:
+def _rank_rows(
+    rows: list[Any], req: VmRequest, cfg: SchedulerConfig, rng: random.Random, busy: Collection[Any] = ()
+) -> list[tuple[float, Any]]:
     """``rank`` on the shortlist's raw rows: the same scores (weighers.row_scorer, held equal to
     ``score`` by a property test), the same noise drawn in the same order, the same order; only the
-    rows a claim is tried on are then converted to a HostView."""
+    rows a claim is tried on are then converted to a HostView. Hosts in ``busy`` (a claim of this
+    process in flight on them) go last, in the same order."""
     scorer = row_scorer(cfg.weighers, req)
     if scorer is None:
         raise LookupError("no row scorer for these weighers")
     scored = [(scorer(r), rng.random() * cfg.jitter, r) for r in rows]
-    scored.sort(key=lambda t: (-(t[0] + t[1]), t[2][1]))
+    if busy:
+        scored.sort(key=lambda t: (t[2][0] in busy, -(t[0] + t[1]), t[2][1]))
+    else:
+        scored.sort(key=lambda t: (-(t[0] + t[1]), t[2][1]))
     return [(sc, r) for sc, _, r in scored]
+
+
+class InFlight:
+    """Hosts this process has claimed in transactions not yet ended (by the driver's host id).
+
+    On PostgreSQL concurrent placements of one replica run in threads and see the same committed
+    rows: with the spread policy they rank the same few most-free hosts first, and all but one
+    of those that pick the same host wait for its row lock and then lose the claim (a retry). A
+    placement ranks the hosts with a claim of this process in flight last instead: a preference
+    only (the conditional claim still decides), so nothing is ever refused for it. On SQLite
+    (one writer, each placement sees the claims before it) it only spreads the placements of one
+    group commit over more hosts.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._hosts: dict[Any, int] = {}
+
+    def snapshot(self) -> frozenset[Any]:
+        with self._lock:
+            return frozenset(self._hosts)
+
+    def add(self, host: Any) -> None:
+        with self._lock:
+            self._hosts[host] = self._hosts.get(host, 0) + 1
+
+    def discard(self, hosts: Collection[Any]) -> None:
+        with self._lock:
+            for host in hosts:
+                n = self._hosts.get(host, 0) - 1
+                if n > 0:
+                    self._hosts[host] = n
+                else:
+                    self._hosts.pop(host, None)
+
+
+# session.info keys: the process's InFlight set a placement consults, and the hosts it claimed
+# (for the caller to discard once the transaction has ended, committed or not).
+IN_FLIGHT = "tdx_in_flight"
+CLAIMED = "tdx_claimed_hosts"
 
 
 def place(
@@ -261,8 +328,10 @@ def place(
     conflicts = 0
     ranked: list[Candidate] = []
     convert = _cached_shortlist(req, ctx, cfg).converter(connection(session).dialect)
+    in_flight: InFlight | None = session.info.get(IN_FLIGHT)
     for _ in range(cfg.rounds):
-        rows = _rank_rows(_shortlist_rows(session, req, ctx, cfg), req, cfg, rng)
+        busy = in_flight.snapshot() if in_flight is not None else frozenset()
+        rows = _rank_rows(_shortlist_rows(session, req, ctx, cfg), req, cfg, rng, busy)
         if not rows:
             break
         ranked = []
@@ -270,6 +339,9 @@ def place(
             cand = Candidate(_view(convert(row)), sc)
             ranked.append(cand)
             if try_claim(session, cand.host, req, ctx):
+                if in_flight is not None:
+                    in_flight.add(row[0])
+                    session.info.setdefault(CLAIMED, []).append(row[0])
                 return Placement(cand.host, conflicts, tuple(ranked))
             conflicts += 1
     return Placement(None, conflicts, tuple(ranked))

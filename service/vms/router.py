@@ -15,6 +15,7 @@ from service.errors import ProblemError
 from service.models import ACTIVE_VM_STATUSES
 from service.openapi import problems, roles
 from service.pagination import Page, PageParams
+from service.scheduler.engine import CLAIMED, IN_FLIGHT
 from service.schemas import Name
 from service.vms import service
 from service.vms.lifecycle import VmStatus
@@ -55,11 +56,18 @@ async def create_vm(
         ctx.create_limiter.check(principal.key, "VM creates")
     started = time.perf_counter()
 
+    claimed: list[object] = []
+
     def _create(s: Session) -> tuple[VmOut, bool, int]:
+        s.info[IN_FLIGHT] = ctx.in_flight
+        s.info[CLAIMED] = claimed
         vm, created = service.create_vm(s, body, principal, ctx.placement, ctx.rng, idempotency_key)
         return service.vm_out(vm), created, s.info.get(service.CLAIM_CONFLICTS, 0)
 
-    vm, created, conflicts = await ctx.db.run(_create)
+    try:
+        vm, created, conflicts = await ctx.db.run(_create)
+    finally:
+        ctx.in_flight.discard(claimed)  # the transaction has ended (committed or not)
     if conflicts:
         ctx.metrics.claim_conflicts.inc(conflicts)
     if created:
