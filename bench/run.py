@@ -225,11 +225,30 @@ async def s4(db: str, plan: Plan, pg_url: str, log_dir: Path, verifications: lis
             return rows
 
 
+def _pin_replicas(pids: list[int]) -> str:
+    """Each replica on a core of its own (as ``taskset -cp``), the driver (this process) on the
+    cores left, if any; PostgreSQL is not pinned. Returns the note the S7 rows carry."""
+    try:
+        cores = sorted(os.sched_getaffinity(0) | set().union(*(os.sched_getaffinity(p) for p in pids)))
+    except (AttributeError, OSError):
+        return "not pinned (no sched_setaffinity)"
+    for i, pid in enumerate(pids):
+        os.sched_setaffinity(pid, {cores[i % len(cores)]})
+    left = cores[len(pids):]
+    replicas = ", ".join(f"replica {i + 1} on CPU {cores[i % len(cores)]}" for i in range(len(pids)))
+    if left:
+        os.sched_setaffinity(0, set(left))
+        return f"{replicas}; driver on CPU {','.join(map(str, left))}; PostgreSQL unpinned"
+    os.sched_setaffinity(0, set(cores))
+    return f"{replicas}; driver and PostgreSQL unpinned ({len(cores)} CPUs: none left apart)"
+
+
 async def s7(plan: Plan, pg_url: str, log_dir: Path, verifications: list[dict[str, Any]]) -> list[Row]:
     rows: list[Row] = []
     with servers.postgres_backend(pg_url) as backend:
         first = await servers.start_service(backend, log_dir, name="pg-replica-1")
         replicas = [first]
+        affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
         try:
             fl = await fleetmod.load_fleet([first.port], fleetmod.FleetSpec(plan.s7_hosts), HEADERS)
             ledger = Ledger(fl.states)
@@ -239,18 +258,21 @@ async def s7(plan: Plan, pg_url: str, log_dir: Path, verifications: list[dict[st
                         await servers.start_service(backend, log_dir, name=f"pg-replica-{len(replicas) + 1}")
                     )
                 log(f"postgres: S7 with {n} replica(s)")
+                pinning = _pin_replicas([r.pid for r in replicas])
                 driver = Driver([r.port for r in replicas], HEADERS, ledger, prefix=f"r{n}",
                                 pids=[r.pid for r in replicas])
                 rec, conflicts, placed = await scenarios.measured(
                     driver, lambda d=driver: d.creates(16, plan.s7_seconds)
                 )
                 rows.append(Row("S7 replicas", "postgres", plan.s7_hosts, 16, n, rec,
-                                conflicts=conflicts, successes=placed))
+                                conflicts=conflicts, successes=placed, note=pinning))
             v = await scenarios.verify(rows, first.port, HEADERS, ledger)
             verifications.append({"db": "postgres", "hosts": plan.s7_hosts, "scenarios": "S7", **v})
         finally:
             for r in replicas:
                 r.stop()
+            if affinity is not None:
+                os.sched_setaffinity(0, affinity)
     return rows
 
 

@@ -13,6 +13,7 @@ from service.config import Settings
 from service.db import Database
 from service.metrics import Metrics
 from service.ratelimit import RateLimiter
+from service.scheduler.engine import InFlight
 from service.signals import Signal
 
 if TYPE_CHECKING:
@@ -33,6 +34,8 @@ class AppContext:
     # Fired when capacity may have grown, so pending VMs are retried at once.
     capacity_signal: Signal = field(default_factory=Signal)
     rng: random.Random = field(default_factory=random.Random)
+    # Hosts with a claim of this process in flight: placements rank them last (scheduler/engine.py).
+    in_flight: InFlight = field(default_factory=InFlight)
 
 
 def get_context(request: Request) -> AppContext:

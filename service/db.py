@@ -59,16 +59,40 @@ def _configure_sqlite(engine: Engine, synchronous: str) -> None:
             conn.exec_driver_sql("BEGIN")
 
 
+def _plain_savepoints(engine: Engine) -> None:
+    """Savepoint statements as text: SQLAlchemy compiles a new statement for every savepoint (its
+    name is new each time, so its compiled form is never cached), which cost as much as the rest of
+    a unit of work's SQL on SQLite, where every unit of work is a savepoint of a group commit."""
+    dialect = engine.dialect
+    quote = dialect.identifier_preparer.quote
+
+    def do_savepoint(connection: Connection, name: str) -> None:
+        connection.exec_driver_sql(f"SAVEPOINT {quote(name)}")
+
+    def do_release_savepoint(connection: Connection, name: str) -> None:
+        connection.exec_driver_sql(f"RELEASE SAVEPOINT {quote(name)}")
+
+    def do_rollback_to_savepoint(connection: Connection, name: str) -> None:
+        connection.exec_driver_sql(f"ROLLBACK TO SAVEPOINT {quote(name)}")
+
+    dialect.do_savepoint = do_savepoint  # type: ignore[method-assign]
+    dialect.do_release_savepoint = do_release_savepoint  # type: ignore[method-assign]
+    dialect.do_rollback_to_savepoint = do_rollback_to_savepoint  # type: ignore[method-assign]
+
+
 def make_engine(url: str, *, sqlite_synchronous: str = "FULL", pool_size: int = 10) -> Engine:
     if is_sqlite_url(url):
         engine = create_engine(
             url, connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}
         )
         _configure_sqlite(engine, sqlite_synchronous)
+        _plain_savepoints(engine)
         return engine
     # No overflow: a replica never holds more than pool_size connections (PostgreSQL's default
     # max_connections is 100, shared by every replica); further requests queue for a connection.
-    return create_engine(url, pool_size=pool_size, max_overflow=0, pool_timeout=60, pool_pre_ping=True)
+    engine = create_engine(url, pool_size=pool_size, max_overflow=0, pool_timeout=60, pool_pre_ping=True)
+    _plain_savepoints(engine)
+    return engine
 
 
 @dataclass(eq=False)

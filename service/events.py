@@ -25,7 +25,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field, StringConstraints
-from sqlalchemy import func, insert, or_, select, text
+from sqlalchemy import bindparam, func, insert, or_, select, text
 from sqlalchemy.orm import Session
 
 from service.auth import Principal, current_principal
@@ -34,6 +34,7 @@ from service.context import AppContext, get_context
 from service.errors import ProblemError
 from service.models import Event
 from service.openapi import problems, roles
+from service.prepared import Prepared, connection
 from service.schemas import TEXT_PATTERN
 
 log = logging.getLogger("tdx.events")
@@ -88,7 +89,9 @@ def emit(
     session.info.setdefault(_PENDING, []).append(NewEvent(kind, subject, data or {}, project))
 
 
-_INSERT_EVENT = insert(Event)
+_INSERT_EVENT = Prepared(
+    insert(Event).values({c: bindparam(c) for c in ("at", "kind", "subject", "data", "project")})
+)
 _ORDER_LOCK = text("SELECT pg_advisory_xact_lock(CAST(:k AS integer), hashtext(current_schema()))")
 _NOTIFY = text("SELECT pg_notify(:c || '.' || current_schema(), :p)")
 
@@ -101,13 +104,13 @@ def write_pending_events(session: Session) -> None:
     # runs under the ordering lock. The insert is a plain Core statement: the ORM's bulk path
     # costs several times more for the same rows.
     session.flush()
-    conn = session.connection()
+    conn = connection(session)
     postgres = conn.dialect.name == "postgresql"
     if postgres:
         conn.execute(_ORDER_LOCK, {"k": EVENT_ORDER_LOCK})
     now = utcnow()
-    conn.execute(
-        _INSERT_EVENT,
+    _INSERT_EVENT.run_many(
+        conn,
         [
             {"at": now, "kind": e.kind, "subject": e.subject, "data": e.data, "project": e.project}
             for e in pending

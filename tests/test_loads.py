@@ -230,6 +230,24 @@ def test_heartbeat_stores_observations_without_bumping_generation(api: Api) -> N
     assert r.json()["tdx"]["keyids_observed_in_use"] == 3
 
 
+def test_a_routine_heartbeat_answers_what_get_host_answers(api: Api) -> None:
+    # The routine heartbeat (alive, nothing evented changes) is answered from one row read without
+    # the ORM (service/hosts/heartbeat.py): the same host, field by field, and the same ETag.
+    api.create_host("node-1", labels={"zone": "a"})
+    body = api.report_load("node-1")
+    agent = api.token("agent", host="node-1")
+    _heartbeat(api, "node-1", {"load_id": body["load_id"]}, agent)  # alive since the load report
+    r = _heartbeat(
+        api, "node-1", {"load_id": body["load_id"], "keyids_in_use": 0, "running_vms": [], "tdx_configured": True},
+        agent,
+    )
+    assert r.status_code == 200, r.text
+    got = api.client.get("/v1/hosts/node-1", headers=api.admin)
+    assert r.json() == got.json()
+    assert r.headers["etag"] == got.headers["etag"]
+    assert r.headers["content-type"] == "application/json"
+
+
 def test_module_version_and_opt_in_intent_are_heartbeat_observations(api: Api) -> None:
     # A TDX module version appearing or changing (a runtime update) and an edit of modprobe.d are
     # observations of the current load: no new load, no generation bump.

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -25,10 +25,20 @@ from service.events import emit
 from service.models import FleetPolicy
 from service.policy.schemas import PolicyDefaults, PolicyOut, PolicyUpdate
 from service.policy.versions import version_key
+from service.prepared import Prepared, connection
 from service.scheduler.types import Policy
 
 POLICY_ID = 1
 FIELDS = ("tdx_min_module_version", "max_td_builds_per_host", "td_memory_overhead_mib")
+
+
+class _PolicyRow(NamedTuple):
+    tdx_min_module_version: str | None
+    tdx_min_module_key: str | None
+    max_td_builds_per_host: int | None
+    td_memory_overhead_mib: int | None
+    generation: int
+    updated_at: datetime
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,7 +48,7 @@ class EffectivePolicy:
     updated_at: datetime | None  # None: never set (the defaults apply)
 
 
-def _effective(row: FleetPolicy | None, defaults: PolicyDefaults) -> EffectivePolicy:
+def _effective(row: FleetPolicy | _PolicyRow | None, defaults: PolicyDefaults) -> EffectivePolicy:
     if row is None or row.generation == 0:
         return EffectivePolicy(
             Policy(
@@ -66,8 +76,21 @@ def _effective(row: FleetPolicy | None, defaults: PolicyDefaults) -> EffectivePo
     )
 
 
+# Built once; a plain row, not an ORM object: every placement reads it (an ORM get cost more than
+# the rest of the placement's reads together).
+_CURRENT = Prepared(select(
+    FleetPolicy.tdx_min_module_version,
+    FleetPolicy.tdx_min_module_key,
+    FleetPolicy.max_td_builds_per_host,
+    FleetPolicy.td_memory_overhead_mib,
+    FleetPolicy.generation,
+    FleetPolicy.updated_at,
+).where(FleetPolicy.id == POLICY_ID))
+
+
 def current(session: Session, defaults: PolicyDefaults) -> EffectivePolicy:
-    return _effective(session.get(FleetPolicy, POLICY_ID), defaults)
+    rows = _CURRENT.rows(connection(session), {})
+    return _effective(_PolicyRow(*rows[0]) if rows else None, defaults)
 
 
 def policy_out(policy: EffectivePolicy, defaults: PolicyDefaults) -> PolicyOut:

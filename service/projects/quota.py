@@ -37,6 +37,7 @@ from sqlalchemy.orm import Session
 from service.clock import utcnow
 from service.errors import ProblemError
 from service.models import Project, Vm
+from service.prepared import Prepared, connection
 from service.vms.lifecycle import COUNTS_FOR_QUOTA
 
 RESOURCES = ("vms", "vcpus", "memory_mib", "tdx_vms")
@@ -120,7 +121,7 @@ def _within(used: SQLColumnExpression[int], limit: SQLColumnExpression[int | Non
 
 
 # Built once; the values are bound per call (building the statement costs more than running it).
-_CLAIM = (
+_CLAIM = Prepared(
     update(Project)
     .where(
         Project.name == bindparam("project"),
@@ -166,10 +167,10 @@ def claim(session: Session, project: str, need: Resources) -> None:
     ``quota_exceeded`` (the caller's transaction is then rolled back: nothing is written)."""
     if session.new or session.dirty or session.deleted:
         session.flush()  # the VM row first: lock order is host, then project, then nothing else
-    conn = session.connection()
+    conn = connection(session)
     params = {"project": project, **need.as_dict()}
     for _ in range(3):
-        if conn.execute(_CLAIM, params).rowcount == 1:
+        if _CLAIM.run(conn, params).rowcount == 1:
             return
         row = session.get(Project, project, populate_existing=True)
         if row is None:

@@ -21,11 +21,12 @@ from sqlalchemy.orm import Session
 
 from service.clock import utcnow
 from service.models import Host, UTCDateTime
+from service.prepared import Prepared, connection
 from service.scheduler.filters import keyids_in_use_sql, td_vcpu_limit_sql, vcpu_limit_sql
 from service.scheduler.types import Context, HostView, VmRequest, memory_charge
 
 # Built once; the values are bound per call (building the statement costs more than running it).
-_CLAIM = (
+_CLAIM = Prepared(
     update(Host)
     .where(
         Host.id == bindparam("host_id"),
@@ -61,12 +62,12 @@ _CLAIM = (
 def try_claim(session: Session, host: HostView, req: VmRequest, ctx: Context) -> bool:
     """Claim ``req``'s resources on ``host`` (its memory charge includes the policy's per-TD
     overhead, and a TD takes a build slot), or change nothing."""
-    conn = session.connection()
+    conn = connection(session)
     savepoint = conn.dialect.name == "postgresql"
     if savepoint:
         conn.exec_driver_sql("SAVEPOINT tdx_claim")
-    result = conn.execute(
-        _CLAIM,
+    result = _CLAIM.run(
+        conn,
         {
             "host_id": host.id,
             "seen_generation": host.generation,

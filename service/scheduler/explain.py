@@ -9,6 +9,8 @@ from sqlalchemy import case, false, func, literal, select
 from sqlalchemy.orm import Session
 
 from service.models import Host
+from service.prepared import Prepared, connection
+from service.scheduler.engine import TemplateKey, template, template_key, template_params
 from service.scheduler.filters import (
     REASON_CODES,
     all_rejections,
@@ -64,7 +66,15 @@ class ReasonCounts:
     details: dict[str, str] = field(default_factory=dict)
 
 
-def count_reasons(session: Session, req: VmRequest, ctx: Context) -> ReasonCounts:
+@dataclass(frozen=True, slots=True)
+class _Statements:
+    counts: Prepared
+    keyids: Prepared
+    memory: Prepared
+    versions: Prepared
+
+
+def _build(req: VmRequest, ctx: Context) -> _Statements:
     rejections = all_rejections(req, ctx)
     reason_expr = (
         case(*[(cond, literal(code)) for code, cond in rejections], else_=literal(FITS))
@@ -72,18 +82,56 @@ def count_reasons(session: Session, req: VmRequest, ctx: Context) -> ReasonCount
         else literal(FITS)
     )
     reason = reason_expr.label("reason")
-    rows = session.execute(
-        select(
-            reason,
-            func.count(),
-            func.max(Host.free_memory_mib),
-            func.max(vcpu_limit_sql() - Host.used_vcpus),
-            func.max(td_vcpu_limit_sql()),
-            func.min(Host.tds_building),
-            func.sum(case((Host.attestation_ready == false(), 1), else_=0)),
-            func.max(Host.vmm_detail),
-        ).group_by(reason)
-    ).all()
+    return _Statements(
+        counts=Prepared(
+            select(
+                reason,
+                func.count(),
+                func.max(Host.free_memory_mib),
+                func.max(vcpu_limit_sql() - Host.used_vcpus),
+                func.max(td_vcpu_limit_sql()),
+                func.min(Host.tds_building),
+                func.sum(case((Host.attestation_ready == false(), 1), else_=0)),
+                func.max(Host.vmm_detail),
+            ).group_by(reason)
+        ),
+        keyids=Prepared(
+            select(Host.keyids_total, Host.used_keyids, Host.keyids_observed_in_use)
+            .where(reason_expr == "keyids_exhausted")
+            .order_by((Host.keyids_total - keyids_in_use_sql()).desc())
+            .limit(1)
+        ),
+        memory=Prepared(
+            select(Host.free_memory_mib, Host.pamt_mib)
+            .where(reason_expr == "insufficient_memory")
+            .order_by(Host.free_memory_mib.desc())
+            .limit(1)
+        ),
+        versions=Prepared(
+            select(Host.module_version, Host.tdx_module_key)
+            .where(reason_expr == "tdx_module_too_old")
+            .group_by(Host.module_version, Host.tdx_module_key)
+            .order_by(Host.tdx_module_key.desc())
+            .limit(_VERSIONS_SHOWN + 1)
+        ),
+    )
+
+
+# Built once per request shape with the values bound (engine.template), like the shortlist: the
+# explanation of a "no host" answer had cost more to build than to run.
+_statements: dict[TemplateKey, _Statements] = {}
+
+
+def count_reasons(session: Session, req: VmRequest, ctx: Context) -> ReasonCounts:
+    key = template_key(req, ctx)
+    stmts = _statements.get(key)
+    if stmts is None:
+        stmts = _statements[key] = _build(*template(req, ctx))
+    if session.new or session.dirty or session.deleted:
+        session.flush()  # what autoflush would do
+    conn = connection(session)
+    params = template_params(req, ctx)
+    rows = stmts.counts.rows(conn, params)
     counts: dict[str, int] = {}
     fits = 0
     most_mem: int | None = None
@@ -111,33 +159,19 @@ def count_reasons(session: Session, req: VmRequest, ctx: Context) -> ReasonCount
             vmm_example = vmm_detail
     example = None
     if "keyids_exhausted" in counts:
-        row = session.execute(
-            select(Host.keyids_total, Host.used_keyids, Host.keyids_observed_in_use)
-            .where(reason_expr == "keyids_exhausted")
-            .order_by((Host.keyids_total - keyids_in_use_sql()).desc())
-            .limit(1)
-        ).first()
-        if row is not None:
+        found_keyids = stmts.keyids.rows(conn, params)
+        if found_keyids:
+            row = found_keyids[0]
             example = (int(row[0]), int(row[1]), None if row[2] is None else int(row[2]))
     memory_example = None
     if "insufficient_memory" in counts:
-        mem_row = session.execute(
-            select(Host.free_memory_mib, Host.pamt_mib)
-            .where(reason_expr == "insufficient_memory")
-            .order_by(Host.free_memory_mib.desc())
-            .limit(1)
-        ).first()
-        if mem_row is not None:
+        found_memory = stmts.memory.rows(conn, params)
+        if found_memory:
+            mem_row = found_memory[0]
             memory_example = (int(mem_row[0]), int(mem_row[1]))
     versions: tuple[str, ...] = ()
     if "tdx_module_too_old" in counts:
-        found = session.execute(
-            select(Host.module_version, Host.tdx_module_key)
-            .where(reason_expr == "tdx_module_too_old")
-            .group_by(Host.module_version, Host.tdx_module_key)
-            .order_by(Host.tdx_module_key.desc())
-            .limit(_VERSIONS_SHOWN + 1)
-        ).all()
+        found = stmts.versions.rows(conn, params)
         known = sorted({str(v) for v, key in found if v is not None and key is not None}, key=_version_order)
         unknown = ["unknown"] if any(key is None for _, key in found) else []
         versions = tuple(known + unknown)

@@ -29,11 +29,11 @@ from service.db import Database, make_engine
 from service.migrate import migrate
 from service.models import Host, HostLabel, Vm
 from service.policy.versions import version_key
-from service.scheduler.engine import SchedulerConfig, place
+from service.scheduler.engine import _HOST_COLUMNS, SchedulerConfig, _rank_rows, place, rank, row_scorer
 from service.scheduler.explain import count_reasons
 from service.scheduler.filters import all_rejections, first_rejection
 from service.scheduler.types import Context, HostView, Policy, VmRequest, memory_charge
-from service.scheduler.weighers import default_weighers
+from service.scheduler.weighers import default_weighers, score
 
 STATES = ["unknown", "unsupported", "disabled", "failed", "ready"]
 NOW = utcnow().replace(microsecond=0)
@@ -303,3 +303,24 @@ def test_a_selector_is_the_requests_scope(db: Database, fleet: list[HostView], r
     inside = [h for h in fleet if h not in outside]
     assert sum(n for code, n in rc.counts.items() if code != "selector_mismatch") + rc.fits == len(inside)
     assert all(first_rejection(h, req, ctx) == "selector_mismatch" for h in outside)
+
+
+@SETTINGS
+@given(
+    fleet=fleets(), req=requests, policy=st.sampled_from(["spread", "pack"]),
+    affinity=st.sampled_from([0.0, 2.0, 10.0]), seed=st.integers(0, 2**16),
+)
+def test_row_ranking_agrees_with_host_view_ranking(
+    fleet: list[HostView], req: VmRequest, policy: str, affinity: float, seed: int
+) -> None:
+    """The placement ranks the shortlist's raw rows (engine.row_scorer); the preview ranks HostViews
+    with the weighers. Same scores to the last bit, same order with the same random draws."""
+    cfg = SchedulerConfig(policy=policy, weighers=default_weighers(policy, affinity))
+    rows = [tuple(getattr(h, c.key) for c in _HOST_COLUMNS) for h in fleet]
+    scorer = row_scorer(cfg.weighers, req)
+    assert scorer is not None
+    for h, row in zip(fleet, rows, strict=True):
+        assert scorer(row) == score(h, req, cfg.weighers)
+    by_rows = [(r[1], sc) for sc, r in _rank_rows(rows, req, cfg, random.Random(seed))]
+    by_views = [(c.host.name, c.score) for c in rank(fleet, req, cfg, random.Random(seed))]
+    assert by_rows == by_views
