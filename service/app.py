@@ -80,16 +80,17 @@ def build_context(settings: Settings, db: Database | None = None) -> AppContext:
         ),
     )
     events_signal = Signal()
+    metrics = Metrics()
     ctx = AppContext(
         settings=settings,
         db=db,
         token_cache=TokenCache(settings.token_cache_ttl_s),
-        metrics=Metrics(),
+        metrics=metrics,
         placement=placement,
         create_limiter=RateLimiter(settings.vm_create_rate_per_s, settings.vm_create_burst),
         admin_token_hash=hash_secret(settings.admin_token) if settings.admin_token else None,
         events_signal=events_signal,
-        fanout=make_broadcaster(db, events_signal),
+        fanout=make_broadcaster(db, events_signal, metrics),
         stream_limit=StreamLimit(settings.max_streams_per_principal),
     )
     db.before_commit_hooks.append(write_pending_events)

@@ -16,6 +16,7 @@ commit, only once when they start (or after falling behind) to read what came be
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import re
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any
 
+import anyio
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field, StringConstraints
@@ -38,6 +40,7 @@ from service.context import AppContext, get_context
 from service.db import Database
 from service.errors import ProblemError
 from service.fanout import Broadcaster, Subscription
+from service.metrics import Metrics
 from service.models import Event
 from service.openapi import problems, roles
 from service.schemas import TEXT_PATTERN
@@ -298,7 +301,7 @@ def _authorize(principal: Principal) -> None:
     principal.require("admin", "reader", "client")
 
 
-def make_broadcaster(db: Database, signal: Signal) -> Broadcaster[Published]:
+def make_broadcaster(db: Database, signal: Signal, metrics: Metrics) -> Broadcaster[Published]:
     """The process's one reader of new events (fanout.py), woken by ``signal``."""
 
     async def read_after(after: int, limit: int) -> list[Published]:
@@ -307,7 +310,9 @@ def make_broadcaster(db: Database, signal: Signal) -> Broadcaster[Published]:
     async def read_head() -> int:
         return await db.run(head_id, write=False)
 
-    return Broadcaster(signal, read_after, read_head)
+    broadcaster: Broadcaster[Published] = Broadcaster(signal, read_after, read_head, metrics.event_reads.inc)
+    metrics.event_watchers.set_function(lambda: broadcaster.subscribers)
+    return broadcaster
 
 
 @router.get(
@@ -395,8 +400,19 @@ class _EventStream(StreamingResponse):
         self._frames = frames
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # The stream ends as soon as the client goes away (not at the next keepalive, up to 15 s
+        # later), so a closed stream gives its slot back at once.
         try:
-            await super().__call__(scope, receive, send)
+            async with anyio.create_task_group() as group:
+
+                async def stream() -> None:
+                    with contextlib.suppress(OSError):
+                        await self.stream_response(send)
+                    group.cancel_scope.cancel()
+
+                group.start_soon(stream)
+                await self.listen_for_disconnect(receive)
+                group.cancel_scope.cancel()
         finally:
             self._release()
             aclose = getattr(self._frames, "aclose", None)
@@ -440,11 +456,11 @@ async def stream_events(
         ctx.fanout.unsubscribe(sub)
         ctx.stream_limit.release(key)
 
-    return _EventStream(_frames(request, ctx, flt, sub, after), release)
+    return _EventStream(_frames(ctx, flt, sub, after), release)
 
 
 async def _frames(
-    request: Request, ctx: AppContext, flt: EventFilter, sub: Subscription[Published], after: int
+    ctx: AppContext, flt: EventFilter, sub: Subscription[Published], after: int
 ) -> AsyncIterator[bytes]:
     position = after
     yield b"retry: 1000\n\n"
@@ -469,7 +485,5 @@ async def _frames(
                         yield published.frame
                         position = published.id
             elif not sub.overflowed:
-                if await request.is_disconnected():
-                    return
                 yield b": keepalive\n\n"
         ctx.fanout.reset(sub)

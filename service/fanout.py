@@ -101,12 +101,13 @@ class Broadcaster(Generic[T]):
         signal: Signal,
         read_after: Callable[[int, int], Awaitable[list[T]]],
         read_head: Callable[[], Awaitable[int]],
+        on_read: Callable[[], None] = lambda: None,
     ) -> None:
         self.signal = signal
         self.read_after = read_after  # (after, limit) -> items with id > after, oldest first
         self.read_head = read_head
         self.position = 0  # every event up to here has been offered to every subscription
-        self.reads = 0
+        self.on_read = on_read
         self._subs: set[Subscription[T]] = set()
         self._task: asyncio.Task[None] | None = None
 
@@ -171,7 +172,7 @@ class Broadcaster(Generic[T]):
     async def _read_new(self) -> None:
         while True:
             items = await self.read_after(self.position, READ_BATCH)
-            self.reads += 1
+            self.on_read()
             subs = list(self._subs)
             for item in items:
                 if item.id <= self.position:
