@@ -220,17 +220,17 @@ def test_agents_and_unknown_tokens_cannot_read_events(api: Api) -> None:
 
 @pytest.mark.parametrize(
     "value",
-    [b"abc", "\u00b2".encode(), "\u0663".encode(), b"9" * 5000, b"9223372036854775808", b"-1", b"1 2"],
-    ids=["letters", "superscript-two", "arabic-indic-three", "5000-digits", "2**63", "negative", "two-ids"],
+    [b"abc", "\u0663".encode(), b"1 2", b"0x10"],
+    ids=["letters", "arabic-indic-three", "two-ids", "hex"],
 )
 def test_stream_rejects_a_bad_last_event_id(api: Api, value: bytes) -> None:
-    # Refused with a problem before the stream starts (a 200 cut mid-stream is no answer).
+    # Refused with a problem before the stream starts (more cases: tests/contract/test_openapi.py).
     r = api.client.get("/v1/events/stream", headers={**api.admin, "Last-Event-ID": value})
     assert_problem(r, 400, "invalid_last_event_id")
 
 
-@pytest.mark.parametrize("after", ["9223372036854775808", "1" * 5000, "\u00b2"])
-def test_event_ids_beyond_64_bits_are_422(api: Api, after: str) -> None:
+@pytest.mark.parametrize("after", ["1" * 5000, "\u00b2"])
+def test_event_ids_that_are_no_64_bit_integer_are_422(api: Api, after: str) -> None:
     for path in ("/v1/events", "/v1/events/stream"):
         assert_problem(api.client.get(path, params={"after": after}, headers=api.admin), 422, "validation_error")
 
