@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from bench import dbceiling, fair_queue, report, scenarios, servers
+from bench import dbceiling, fair_queue, report, scenarios, servers, watchers
 from bench import fleet as fleetmod
 from bench.checks import Ledger
 from bench.load import Recorder, closed_loop, timed
@@ -25,7 +25,7 @@ from bench.scenarios import Driver, Row
 from bench.wire import Connection
 
 RESULTS = Path(__file__).resolve().parent / "results"
-ALL = ("B", "S1", "S2", "S4", "S5", "S7", "S8", "Q")
+ALL = ("B", "S1", "S2", "S4", "S5", "S7", "S8", "Q", "W")
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,7 @@ class Plan:
     s7_seconds: float
     api_hosts: int  # at most this many hosts of a fleet are registered through the API; the rest seeded
     batch_hosts: int = 100_000  # B: a whole fleet registered through POST /v1/hosts:batch
+    watch_s: float = 8.0  # W: each phase's writes (no watcher, 200 idle, 200 of every event)
 
 
 QUICK = Plan(
@@ -55,7 +56,7 @@ QUICK = Plan(
     s2_sizes=(1_000, 10_000), s8_size=10_000, s5_size=1_000,
     latency_s=1.5, sustained_s=3.0, churn_s=2.0, ceiling_s=1.5,
     s4_hosts=200, s4_keyids=2, s4_no_host=200,
-    s7_hosts=1_000, s7_replicas=(1, 2), s7_seconds=3.0, api_hosts=200, batch_hosts=10_000,
+    s7_hosts=1_000, s7_replicas=(1, 2), s7_seconds=3.0, api_hosts=200, batch_hosts=10_000, watch_s=2.0,
 )
 FULL = Plan(
     mode="full",
@@ -337,6 +338,13 @@ def targets(rows: list[dict[str, Any]], http16: float) -> list[dict[str, Any]]:
             seconds = 100_000 / biggest["per_s"]
             add(f"{db}: seconds to load 100k hosts one request at a time (rate at {biggest['hosts']:,})",
                 seconds, "< 120", seconds < 120)
+    for r in rows:
+        if r["scenario"].startswith(f"W creates with {watchers.WATCHERS} idle"):
+            where = f"W {r['db']}" + (f", {r['replicas']} replicas" if r["replicas"] > 1 else "")
+            p99 = r["extra"]["p99_vs_none"]
+            add(f"{where}: create p99 with {watchers.WATCHERS} idle watchers / without", p99, "<= 3", p99 <= 3)
+            rate = r["extra"]["rate_vs_none"]
+            add(f"{where}: create rate with {watchers.WATCHERS} idle watchers / without", rate, ">= 0.5", rate >= 0.5)
     total_oc = sum((r["overcommits"] or 0) for r in rows)
     add("over-commits, all scenarios", total_oc, "== 0", total_oc == 0)
     return out
@@ -387,6 +395,9 @@ async def main_async(args: argparse.Namespace) -> int:
             if "Q" in wanted:
                 log(f"{db}: Q, the pending queue with {fair_queue.PROJECTS * fair_queue.PER_PROJECT:,} pending VMs")
                 rows += await fair_queue.run(db, log_dir, args.postgres_url, plan.api_hosts)
+            if "W" in wanted:
+                log(f"{db}: W, creates with 0 and {watchers.WATCHERS} event watchers")
+                rows += await watchers.run(db, log_dir, args.postgres_url, plan.watch_s, plan.api_hosts)
         if "S7" in wanted and "postgres" in dbs:
             rows += await s7(plan, args.postgres_url, log_dir, verifications)
         log("HTTP ceiling again (the machine is shared: the ratios use the mean of both)")

@@ -23,8 +23,9 @@ from service.context import AppContext, get_context
 from service.dashboard import router as dashboard_router
 from service.db import Database, make_engine
 from service.errors import install_error_handlers, problem_response
-from service.events import PostgresListener, signal_committed_events, write_pending_events
+from service.events import PostgresListener, make_broadcaster, signal_committed_events, write_pending_events
 from service.events import router as events_router
+from service.fanout import StreamLimit
 from service.hosts.router import batch_router as hosts_batch_router
 from service.hosts.router import router as hosts_router
 from service.metrics import Metrics
@@ -42,6 +43,7 @@ from service.scheduler import queue
 from service.scheduler.engine import SchedulerConfig
 from service.scheduler.router import router as scheduling_router
 from service.scheduler.weighers import default_weighers
+from service.signals import Signal
 from service.tokens import router as tokens_router
 from service.vms.router import router as vms_router
 from service.vms.service import PlacementSettings
@@ -77,14 +79,19 @@ def build_context(settings: Settings, db: Database | None = None) -> AppContext:
             candidate_limit=settings.candidate_limit,
         ),
     )
+    events_signal = Signal()
+    metrics = Metrics()
     ctx = AppContext(
         settings=settings,
         db=db,
         token_cache=TokenCache(settings.token_cache_ttl_s),
-        metrics=Metrics(),
+        metrics=metrics,
         placement=placement,
         create_limiter=RateLimiter(settings.vm_create_rate_per_s, settings.vm_create_burst),
         admin_token_hash=hash_secret(settings.admin_token) if settings.admin_token else None,
+        events_signal=events_signal,
+        fanout=make_broadcaster(db, events_signal, metrics),
+        stream_limit=StreamLimit(settings.max_streams_per_principal),
     )
     db.before_commit_hooks.append(write_pending_events)
     db.after_commit_hooks.append(lambda s: signal_committed_events(ctx, s))
@@ -136,6 +143,7 @@ def create_app(settings: Settings | None = None, db: Database | None = None) -> 
             for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            await ctx.fanout.stop()
             if listener is not None:
                 listener.stop()
 

@@ -497,7 +497,8 @@ class ValidationFailed(ApiError):
 
 
 class RateLimited(ApiError):
-    """429 ``rate_limited``: too many requests from this token; ``retry_after`` seconds to wait."""
+    """429 ``rate_limited`` (too many requests from this token) or ``too_many_streams`` (too many open
+    event streams); ``retry_after`` seconds to wait."""
 
     retry_after: float | None = None
 

@@ -36,6 +36,8 @@ class Settings(BaseSettings):
     vm_create_rate_per_s: float = Field(default=10.0, ge=0)
     vm_create_burst: int = Field(default=100, ge=1)
     rate_limit_admin: bool = False
+    # Open SSE streams plus waiting long-polls per API token, in each replica (429 beyond).
+    max_streams_per_principal: int = Field(default=20, ge=1, le=100_000)
     # Fleet policy defaults, until PUT /v1/policy sets them (README "TDX policy").
     max_td_builds_per_host: int = Field(default=4, ge=1, le=10_000)
     td_memory_overhead_mib: int = Field(default=0, ge=0, le=2**20)

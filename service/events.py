@@ -7,35 +7,45 @@ events last, under a transaction-scoped advisory lock held through COMMIT (the l
 only after the commit is visible). Only that tail of a write is serialized.
 
 Wake-ups: writers fire ``events_signal`` after commit; on PostgreSQL they also ``pg_notify`` in
-the same transaction and every replica's listener thread fires its own signal.
+the same transaction and every replica's listener thread (one LISTEN connection per replica) fires
+its own signal. The signal wakes the process's one ``Broadcaster`` (fanout.py), which reads what is
+new once and hands it to every SSE stream and waiting long-poll: watchers never query the log per
+commit, only once when they start (or after falling behind) to read what came before.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import re
 import threading
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any
 
+import anyio
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field, StringConstraints
 from sqlalchemy import bindparam, func, insert, or_, select, text
 from sqlalchemy.orm import Session
+from starlette.types import Receive, Scope, Send
 
 from service.auth import Principal, current_principal
 from service.clock import as_utc, utcnow
 from service.context import AppContext, get_context
+from service.db import Database
 from service.errors import ProblemError
+from service.fanout import Broadcaster, Subscription
+from service.metrics import Metrics
 from service.models import Event
 from service.openapi import problems, roles
 from service.prepared import Prepared, connection
 from service.schemas import TEXT_PATTERN
+from service.signals import Signal
 
 log = logging.getLogger("tdx.events")
 
@@ -207,9 +217,34 @@ class EventFilter:
         project = principal.project if principal.role == "client" else None
         return cls(kinds=kinds, subject=subject, project=project)
 
+    def matches(self, item: Published) -> bool:
+        """In memory, what ``read_events`` selects in SQL."""
+        event = item.event
+        if self.project is not None and item.project != self.project:
+            return False
+        if self.subject is not None and event.subject != self.subject:
+            return False
+        if not self.kinds:
+            return True
+        return any(event.kind.startswith(k[:-1]) if k.endswith("*") else event.kind == k for k in self.kinds)
 
-def read_events(session: Session, after: int, flt: EventFilter, limit: int) -> list[EventOut]:
+
+@dataclass(frozen=True, slots=True)
+class Published:
+    """An event as the broadcaster hands it out: with its project (to filter) and its SSE frame."""
+
+    id: int
+    event: EventOut
+    project: str | None
+    frame: bytes
+
+
+def read_events(
+    session: Session, after: int, flt: EventFilter, limit: int, until: int | None = None
+) -> list[EventOut]:
     query = select(Event).where(Event.id > after)
+    if until is not None:
+        query = query.where(Event.id <= until)
     if flt.kinds:
         exact = [k for k in flt.kinds if not k.endswith("*")]
         prefixes = [k[:-1] for k in flt.kinds if k.endswith("*")]
@@ -226,6 +261,21 @@ def read_events(session: Session, after: int, flt: EventFilter, limit: int) -> l
     ]
 
 
+def read_published(session: Session, after: int, limit: int) -> list[Published]:
+    """Every event after ``after``, oldest first: the broadcaster's one read per wake-up."""
+    rows = session.execute(
+        select(Event.id, Event.at, Event.kind, Event.subject, Event.data, Event.project)
+        .where(Event.id > after)
+        .order_by(Event.id)
+        .limit(limit)
+    ).all()
+    out = []
+    for r in rows:
+        event = EventOut(id=r.id, at=as_utc(r.at), kind=r.kind, subject=r.subject, data=r.data)
+        out.append(Published(r.id, event, r.project, _sse_frame(event)))
+    return out
+
+
 def head_id(session: Session) -> int:
     return int(session.scalar(select(func.coalesce(func.max(Event.id), 0))) or 0)
 
@@ -239,6 +289,8 @@ router = APIRouter(prefix="/v1/events", tags=["events"])
 MAX_WAIT_S = 30.0
 MAX_EVENT_ID = 2**63 - 1  # the id column is a signed 64-bit integer
 _EVENT_ID = re.compile(r"\s*([0-9]{1,19})\s*")
+SSE_KEEPALIVE_S = 15.0
+CATCH_UP_BATCH = 500
 
 
 def _parse_last_event_id(value: str) -> int:
@@ -246,16 +298,30 @@ def _parse_last_event_id(value: str) -> int:
     if match is None or int(match.group(1)) > MAX_EVENT_ID:
         raise ProblemError(400, "invalid_last_event_id", "Last-Event-ID must be an event id")
     return int(match.group(1))
-SSE_KEEPALIVE_S = 15.0
 
 
 def _authorize(principal: Principal) -> None:
     principal.require("admin", "reader", "client")
 
 
+def make_broadcaster(db: Database, signal: Signal, metrics: Metrics) -> Broadcaster[Published]:
+    """The process's one reader of new events (fanout.py), woken by ``signal``."""
+
+    async def read_after(after: int, limit: int) -> list[Published]:
+        return await db.run(functools.partial(read_published, after=after, limit=limit), write=False)
+
+    async def read_head() -> int:
+        return await db.run(head_id, write=False)
+
+    broadcaster: Broadcaster[Published] = Broadcaster(signal, read_after, read_head, metrics.event_reads.inc)
+    metrics.event_watchers.set_function(lambda: broadcaster.subscribers)
+    return broadcaster
+
+
 @router.get(
     "",
     response_model=EventPage,
+    responses=problems("too_many_streams"),
     summary="Read events after an id (long-polls with wait)",
     openapi_extra=roles("admin", "reader", "client (its project's VM events)"),
 )
@@ -271,19 +337,34 @@ async def list_events(
     _authorize(principal)
     ctx = get_context(request)
     flt = EventFilter.parse(kind, subject, principal)
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + wait
-    while True:
-        seen = ctx.events_signal.version
 
-        def _read(s: Session) -> tuple[list[EventOut], int]:
-            return read_events(s, after, flt, limit), head_id(s)
+    def _read(s: Session) -> tuple[list[EventOut], int]:
+        return read_events(s, after, flt, limit), head_id(s)
 
+    if wait <= 0:
         items, head = await ctx.db.run(_read, write=False)
-        remaining = deadline - loop.time()
-        if items or remaining <= 0:
-            return EventPage(items=items, last_id=items[-1].id if items else after, head_id=head)
-        await ctx.events_signal.wait(seen, remaining)
+        return EventPage(items=items, last_id=items[-1].id if items else after, head_id=head)
+    # A long-poll waits on the process's broadcaster (one read per commit for every waiter): it
+    # joins first, then reads what came before it joined, so nothing falls between the two.
+    with ctx.stream_limit.hold(principal.key):
+        sub = await ctx.fanout.subscribe(flt.matches)
+        try:
+            items, head = await ctx.db.run(_read, write=False)
+            if items:
+                return EventPage(items=items, last_id=items[-1].id, head_id=head)
+            deadline = asyncio.get_running_loop().time() + wait
+            while (remaining := deadline - asyncio.get_running_loop().time()) > 0:
+                new = [p.event for p in await sub.take(remaining) if p.id > after][:limit]
+                if new:
+                    return EventPage(items=new, last_id=new[-1].id, head_id=max(ctx.fanout.position, new[-1].id))
+                if sub.overflowed:  # more came than a queue holds, none of it ours: read it
+                    ctx.fanout.reset(sub)
+                    items, head = await ctx.db.run(_read, write=False)
+                    if items:
+                        return EventPage(items=items, last_id=items[-1].id, head_id=head)
+            return EventPage(items=[], last_id=after, head_id=max(head, ctx.fanout.position))
+        finally:
+            ctx.fanout.unsubscribe(sub)
 
 
 SSE_DESCRIPTION = (
@@ -310,12 +391,44 @@ def _sse_frame(event: EventOut) -> bytes:
     return f"id: {event.id}\nevent: {event.kind}\ndata: {payload}\n\n".encode()
 
 
+class _EventStream(StreamingResponse):
+    """Gives back the stream's subscription and its slot however the response ends (the client may
+    go away before the body starts, when the generator's own cleanup would never run)."""
+
+    def __init__(self, frames: AsyncIterator[bytes], release: Callable[[], None]) -> None:
+        super().__init__(
+            frames, media_type="text/event-stream", headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+        )
+        self._release = release
+        self._frames = frames
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # The stream ends as soon as the client goes away (not at the next keepalive, up to 15 s
+        # later), so a closed stream gives its slot back at once.
+        try:
+            async with anyio.create_task_group() as group:
+
+                async def stream() -> None:
+                    with contextlib.suppress(OSError):
+                        await self.stream_response(send)
+                    group.cancel_scope.cancel()
+
+                group.start_soon(stream)
+                await self.listen_for_disconnect(receive)
+                group.cancel_scope.cancel()
+        finally:
+            self._release()
+            aclose = getattr(self._frames, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+
 @router.get(
     "/stream",
     response_class=StreamingResponse,
     responses={
         200: {"content": {"text/event-stream": {"schema": SSE_EVENT_SCHEMA}}, "description": SSE_DESCRIPTION},
-        **problems("invalid_last_event_id"),
+        **problems("invalid_last_event_id", "too_many_streams"),
     },
     summary="Server-Sent Events, resumable with Last-Event-ID",
     openapi_extra=roles("admin", "reader", "client (its project's VM events)"),
@@ -333,26 +446,47 @@ async def stream_events(
         after = _parse_last_event_id(last_event_id)
     ctx = get_context(request)
     flt = EventFilter.parse(kind, subject, principal)
+    key = principal.key
+    # Everything that can refuse the stream happens before its first byte.
+    ctx.stream_limit.acquire(key)
+    try:
+        sub = await ctx.fanout.subscribe(flt.matches)
+    except BaseException:
+        ctx.stream_limit.release(key)
+        raise
 
-    async def frames() -> AsyncIterator[bytes]:
-        position = after
-        yield b"retry: 1000\n\n"
-        while True:
-            seen = ctx.events_signal.version
-            items = await ctx.db.run(functools.partial(read_events, after=position, flt=flt, limit=500), write=False)
+    def release() -> None:
+        ctx.fanout.unsubscribe(sub)
+        ctx.stream_limit.release(key)
+
+    return _EventStream(_frames(ctx, flt, sub, after), release)
+
+
+async def _frames(
+    ctx: AppContext, flt: EventFilter, sub: Subscription[Published], after: int
+) -> AsyncIterator[bytes]:
+    position = after
+    yield b"retry: 1000\n\n"
+    while True:
+        # What came before the subscription went live is read from the database, once.
+        while position < sub.live_from:
+            items = await ctx.db.run(
+                functools.partial(read_events, after=position, flt=flt, limit=CATCH_UP_BATCH, until=sub.live_from),
+                write=False,
+            )
             for item in items:
                 yield _sse_frame(item)
                 position = item.id
-            if items:
-                continue
-            if await request.is_disconnected():
-                return
-            if not await ctx.events_signal.wait(seen, SSE_KEEPALIVE_S):
+            if len(items) < CATCH_UP_BATCH:
+                break
+        # Then what the broadcaster hands over, until this stream falls too far behind.
+        while not sub.overflowed:
+            batch = await sub.take(SSE_KEEPALIVE_S)
+            if batch:
+                for published in batch:
+                    if published.id > position:
+                        yield published.frame
+                        position = published.id
+            elif not sub.overflowed:
                 yield b": keepalive\n\n"
-
-    return StreamingResponse(
-        frames(),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
-    )
-
+        ctx.fanout.reset(sub)

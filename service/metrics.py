@@ -49,6 +49,14 @@ class Metrics:
             "tdx_keyids_total", "TDX KeyIDs on all hosts' current loads", registry=self.registry
         )
         self.keyids_used = Gauge("tdx_keyids_used", "TDX KeyIDs claimed by VMs", registry=self.registry)
+        self.event_watchers = Gauge(
+            "tdx_event_watchers", "Open SSE streams and waiting long-polls in this process", registry=self.registry
+        )
+        self.event_reads = Counter(
+            "tdx_event_fanout_reads",
+            "Reads of the event log by this process's broadcaster (one per wake-up, shared by every watcher)",
+            registry=self.registry,
+        )
         self.requests = Counter(
             "tdx_http_requests", "HTTP requests by method and status", ["method", "status"],
             registry=self.registry,

@@ -66,6 +66,11 @@ PROBLEM_CODES: dict[str, tuple[tuple[int, ...], str]] = {
     "payload_too_large": ((413,), "the request body is over the limit (1 MiB)"),
     "validation_error": ((422,), "the request does not match the schema or a rule; `errors` says where"),
     "rate_limited": ((429,), "too many requests of this kind from this token; retry after `Retry-After` seconds"),
+    "too_many_streams": (
+        (429,),
+        "this token has as many event streams and waiting long-polls open on this replica as allowed "
+        "(`limit`); close one, or retry after `Retry-After` seconds",
+    ),
     "database_unavailable": ((503,), "the database cannot be reached now; retry (see `Retry-After`)"),
     "quota_contended": ((503,), "the project's quota changed too fast to claim; retry"),
 }

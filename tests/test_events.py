@@ -218,9 +218,27 @@ def test_agents_and_unknown_tokens_cannot_read_events(api: Api) -> None:
     assert_problem(api.client.get("/v1/events/stream"), 401, "unauthorized")
 
 
-def test_stream_rejects_a_bad_last_event_id(api: Api) -> None:
-    r = api.client.get("/v1/events/stream", headers={**api.admin, "Last-Event-ID": "abc"})
+@pytest.mark.parametrize(
+    "value",
+    [b"abc", "\u0663".encode(), b"1 2", b"0x10"],
+    ids=["letters", "arabic-indic-three", "two-ids", "hex"],
+)
+def test_stream_rejects_a_bad_last_event_id(api: Api, value: bytes) -> None:
+    # Refused with a problem before the stream starts (more cases: tests/contract/test_openapi.py).
+    r = api.client.get("/v1/events/stream", headers={**api.admin, "Last-Event-ID": value})
     assert_problem(r, 400, "invalid_last_event_id")
+
+
+@pytest.mark.parametrize("after", ["1" * 5000, "\u00b2"])
+def test_event_ids_that_are_no_64_bit_integer_are_422(api: Api, after: str) -> None:
+    for path in ("/v1/events", "/v1/events/stream"):
+        assert_problem(api.client.get(path, params={"after": after}, headers=api.admin), 422, "validation_error")
+
+
+def test_the_largest_event_id_is_a_valid_position(api: Api) -> None:
+    api.create_host("node-1")
+    page = _events(api, after=2**63 - 1)
+    assert page["items"] == [] and page["last_id"] == 2**63 - 1 and page["head_id"] >= 1
 
 
 # ---- Server-Sent Events (a real server: the stream never ends by itself) ---------------------
