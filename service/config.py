@@ -23,6 +23,16 @@ class Settings(BaseSettings):
     sqlite_synchronous: Literal["FULL", "NORMAL"] = "FULL"
     # PostgreSQL connections per replica (also the number of concurrent database transactions).
     db_pool_size: int = Field(default=10, ge=1, le=200)
+    # How long a request waits for the database before 503 database_unavailable (README "Limits"):
+    # a new PostgreSQL connection (libpq counts whole seconds, at least 2), a free pooled one, a
+    # statement or lock (PostgreSQL; its socket is cut 1 s later if the server stopped answering),
+    # SQLite's write lock held by another process.
+    db_connect_timeout_s: float = Field(default=3.0, gt=0, le=600)
+    db_pool_timeout_s: float = Field(default=3.0, gt=0, le=600)
+    db_statement_timeout_s: float = Field(default=5.0, gt=0, le=3600)
+    sqlite_busy_timeout_s: float = Field(default=5.0, ge=0, le=600)
+    # /readyz answers 503 when the database does not answer within this.
+    readyz_timeout_s: float = Field(default=1.5, gt=0, le=60)
     cpu_allocation_ratio: float = Field(default=4.0, gt=0)
     placement_policy: Literal["spread", "pack"] = "spread"
     tdx_affinity_multiplier: float = Field(default=2.0, ge=0)
