@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 import anyio.to_thread
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import Connection, make_url
-from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, InvalidatePoolError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import ConnectionPoolEntry
@@ -233,7 +233,7 @@ def _guard_postgres(engine: Engine, guard: StallGuard) -> None:
             guard.disarm(record)
             # The pool replaces this connection (and every older one: the server may have
             # restarted) with a new one, within connect_timeout.
-            raise DisconnectionError(f"pre-ping failed: {exc}", invalidate_pool=True) from exc
+            raise InvalidatePoolError(f"pre-ping failed: {exc}") from exc
 
     @event.listens_for(engine, "checkin")
     def _on_checkin(_dbapi_conn: Any, record: ConnectionPoolEntry) -> None:
