@@ -12,7 +12,6 @@ import selectors
 import socket
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -21,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 from sqlalchemy.engine import make_url
 
 from service.app import create_app
@@ -263,6 +261,7 @@ def test_slow_clients_are_cut_off_and_cannot_lock_others_out(tmp_path: Path) -> 
         url = f"http://127.0.0.1:{port}"
         _wait_ready(url, proc)
         socks: list[socket.socket] = []
+        body: socket.socket | None = None
         try:
             # 2,000 clients that send part of a request head and nothing more, 4 times the cap.
             for _ in range(2000):
@@ -283,6 +282,6 @@ def test_slow_clients_are_cut_off_and_cannot_lock_others_out(tmp_path: Path) -> 
             # Every slow connection is closed by the server (no answer owed), none held for ever.
             assert _all_closed_by_server([*socks, body], within=HANG)
         finally:
-            for sock in socks:
+            for sock in [*socks, *([body] if body else [])]:
                 sock.close()
         assert httpx.get(f"{url}/healthz", timeout=10).status_code == 200
