@@ -60,7 +60,7 @@ _SQLITE_UNAVAILABLE = frozenset({3, 5, 6, 8, 10, 13, 14, 15, 22})
 class DbTimeouts:
     """How long a request may wait for the database (README "Limits"; TDX_DB_* settings)."""
 
-    connect_s: float = 3.0  # a new connection (PostgreSQL connect_timeout; at least 2 s)
+    connect_s: float = 3.0  # a new connection (connect_timeout; at least 2 s), a pooled one's ping
     pool_s: float = 3.0  # a free pooled connection (PostgreSQL)
     statement_s: float = 5.0  # a statement or lock wait (PostgreSQL, server side); +1 s: socket cut
     sqlite_busy_s: float = 5.0  # SQLite's write lock held by another process
@@ -157,16 +157,17 @@ class StallGuard:
     invalidates the connection and the request is answered 503); the pool reconnects later.
     """
 
-    def __init__(self, limit_s: float) -> None:
+    def __init__(self, limit_s: float, ping_limit_s: float) -> None:
         self.limit_s = limit_s
+        self.ping_limit_s = ping_limit_s  # SELECT 1 on checkout: no answer this long, the link is dead
         self._armed: dict[int, tuple[float, Any]] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def arm(self, record: ConnectionPoolEntry, dbapi_conn: Any) -> None:
+    def arm(self, record: ConnectionPoolEntry, dbapi_conn: Any, limit_s: float | None = None) -> None:
         with self._lock:
-            self._armed[id(record)] = (time.monotonic() + self.limit_s, dbapi_conn)
+            self._armed[id(record)] = (time.monotonic() + (limit_s or self.limit_s), dbapi_conn)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._watch, name="tdx-db-stall-guard", daemon=True)
                 self._thread.start()
@@ -176,7 +177,7 @@ class StallGuard:
             self._armed.pop(id(record), None)
 
     def _watch(self) -> None:
-        tick = min(0.25, self.limit_s / 4)
+        tick = min(0.25, self.limit_s / 4, self.ping_limit_s / 4)
         while not self._wake.wait(tick):
             now = time.monotonic()
             with self._lock:  # held while cutting: the connection cannot be checked in meanwhile
@@ -193,7 +194,7 @@ class StallGuard:
         except Exception as exc:  # already closed or broken: nothing left to unblock
             log.debug("could not cut a stalled connection: %s", exc)
             return
-        log.warning("a database connection was busy for over %.1f s: cut", self.limit_s)
+        log.warning("a database connection stopped answering (past its deadline): cut")
 
 
 def _postgres_connect_args(url: str, t: DbTimeouts) -> dict[str, Any]:
@@ -224,11 +225,13 @@ def _guard_postgres(engine: Engine, guard: StallGuard) -> None:
 
     @event.listens_for(engine, "checkout")
     def _on_checkout(dbapi_conn: Any, record: ConnectionPoolEntry, _proxy: Any) -> None:
-        guard.arm(record, dbapi_conn)
         if record.info.pop("fresh", False):
+            guard.arm(record, dbapi_conn)
             return
+        guard.arm(record, dbapi_conn, guard.ping_limit_s)
         try:
             engine.dialect.do_ping(dbapi_conn)
+            guard.arm(record, dbapi_conn)  # the unit of work's own deadline
         except Exception as exc:
             guard.disarm(record)
             # The pool replaces this connection (and every older one: the server may have
@@ -267,7 +270,7 @@ def make_engine(
         pool_timeout=timeouts.pool_s,
         connect_args=_postgres_connect_args(url, timeouts),
     )
-    _guard_postgres(engine, StallGuard(timeouts.statement_s + 1.0))
+    _guard_postgres(engine, StallGuard(timeouts.statement_s + 1.0, ping_limit_s=max(2.0, timeouts.connect_s)))
     _plain_savepoints(engine)
     return engine
 

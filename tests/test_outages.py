@@ -263,6 +263,17 @@ def test_slow_clients_are_cut_off_and_cannot_lock_others_out(tmp_path: Path) -> 
         socks: list[socket.socket] = []
         body: socket.socket | None = None
         try:
+            # One that sends a whole request, then part of a second one on the kept-alive connection.
+            kept = socket.create_connection(("127.0.0.1", port))
+            kept.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            answer = b""
+            while not answer.endswith(b'{"status":"ok"}'):
+                chunk = kept.recv(4096)
+                assert chunk, answer
+                answer += chunk
+            kept.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+            assert _all_closed_by_server([kept], within=HANG)
+            kept.close()
             # 2,000 clients that send part of a request head and nothing more, 4 times the cap.
             for _ in range(2000):
                 sock = socket.create_connection(("127.0.0.1", port))
