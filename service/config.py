@@ -28,8 +28,8 @@ class Settings(BaseSettings):
     # statement or lock (PostgreSQL; its socket is cut 1 s later if the server stopped answering),
     # SQLite's write lock held by another process.
     db_connect_timeout_s: float = Field(default=3.0, gt=0, le=600)
-    db_pool_timeout_s: float = Field(default=3.0, gt=0, le=600)
-    db_statement_timeout_s: float = Field(default=5.0, gt=0, le=3600)
+    db_pool_timeout_s: float = Field(default=5.0, gt=0, le=600)
+    db_statement_timeout_s: float = Field(default=10.0, gt=0, le=3600)
     sqlite_busy_timeout_s: float = Field(default=5.0, ge=0, le=600)
     # /readyz answers 503 when the database does not answer within this.
     readyz_timeout_s: float = Field(default=1.5, gt=0, le=60)

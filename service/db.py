@@ -61,8 +61,8 @@ class DbTimeouts:
     """How long a request may wait for the database (README "Limits"; TDX_DB_* settings)."""
 
     connect_s: float = 3.0  # a new connection (connect_timeout; at least 2 s), a pooled one's ping
-    pool_s: float = 3.0  # a free pooled connection (PostgreSQL)
-    statement_s: float = 5.0  # a statement or lock wait (PostgreSQL, server side); +1 s: socket cut
+    pool_s: float = 5.0  # a free pooled connection (PostgreSQL)
+    statement_s: float = 10.0  # a statement or lock wait (PostgreSQL, server side); +1 s: socket cut
     sqlite_busy_s: float = 5.0  # SQLite's write lock held by another process
 
 
