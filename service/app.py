@@ -21,8 +21,8 @@ from service.auth import TokenCache, hash_secret
 from service.config import Settings, get_settings
 from service.context import AppContext, get_context
 from service.dashboard import router as dashboard_router
-from service.db import Database, make_engine
-from service.errors import install_error_handlers, problem_response
+from service.db import Database, DbTimeouts, make_engine
+from service.errors import DATABASE_RETRY_AFTER_S, install_error_handlers, problem_response
 from service.events import PostgresListener, make_broadcaster, signal_committed_events, write_pending_events
 from service.events import router as events_router
 from service.fanout import StreamLimit
@@ -56,6 +56,15 @@ class Status(BaseModel):
     status: str
 
 
+def db_timeouts(settings: Settings) -> DbTimeouts:
+    return DbTimeouts(
+        connect_s=settings.db_connect_timeout_s,
+        pool_s=settings.db_pool_timeout_s,
+        statement_s=settings.db_statement_timeout_s,
+        sqlite_busy_s=settings.sqlite_busy_timeout_s,
+    )
+
+
 def build_context(settings: Settings, db: Database | None = None) -> AppContext:
     if db is None:
         db = Database(
@@ -63,6 +72,7 @@ def build_context(settings: Settings, db: Database | None = None) -> AppContext:
                 settings.database_url,
                 sqlite_synchronous=settings.sqlite_synchronous,
                 pool_size=settings.db_pool_size,
+                timeouts=db_timeouts(settings),
             )
         )
     placement = PlacementSettings(
@@ -122,6 +132,7 @@ def create_app(settings: Settings | None = None, db: Database | None = None) -> 
         tasks: list[asyncio.Task[None]] = []
         if not ctx.db.is_sqlite:
             url = make_url(settings.database_url).set(drivername="postgresql")
+            url = url.update_query_dict({"connect_timeout": str(max(2, round(settings.db_connect_timeout_s)))})
             listener = PostgresListener(ctx, url.render_as_string(hide_password=False))
             listener.start()
         if settings.run_background_tasks:
@@ -187,11 +198,15 @@ def create_app(settings: Settings | None = None, db: Database | None = None) -> 
         summary="The database is reachable",
     )
     async def readyz(request: Request) -> Status | Response:
+        c = get_context(request)
         try:
-            await get_context(request).db.run(lambda s: s.connection().exec_driver_sql("SELECT 1"), write=False)
+            await c.db.ready(c.settings.readyz_timeout_s)
         except Exception as exc:
-            log.warning("readiness check failed: %s", exc)
-            return problem_response(503, "database_unavailable", "the database is not reachable")
+            log.warning("readiness check failed: %r", exc)
+            return problem_response(
+                503, "database_unavailable", "the database is not reachable",
+                headers={"Retry-After": str(DATABASE_RETRY_AFTER_S)},
+            )
         return Status(status="ready")
 
     @app.get(

@@ -23,6 +23,22 @@ class Settings(BaseSettings):
     sqlite_synchronous: Literal["FULL", "NORMAL"] = "FULL"
     # PostgreSQL connections per replica (also the number of concurrent database transactions).
     db_pool_size: int = Field(default=10, ge=1, le=200)
+    # How long a request waits for the database before 503 database_unavailable (README "Limits"):
+    # a new PostgreSQL connection (libpq counts whole seconds, at least 2), a free pooled one, a
+    # statement or lock (PostgreSQL; its socket is cut 1 s later if the server stopped answering),
+    # SQLite's write lock held by another process.
+    db_connect_timeout_s: float = Field(default=3.0, gt=0, le=600)
+    db_pool_timeout_s: float = Field(default=5.0, gt=0, le=600)
+    db_statement_timeout_s: float = Field(default=10.0, gt=0, le=3600)
+    sqlite_busy_timeout_s: float = Field(default=5.0, ge=0, le=600)
+    # /readyz answers 503 when the database does not answer within this.
+    readyz_timeout_s: float = Field(default=1.5, gt=0, le=60)
+    # Slow clients (service/server.py): a request's head must arrive within http_header_timeout_s,
+    # its body within http_body_timeout_s of the head; at most http_max_connections connections
+    # (and no more than the file-descriptor limit allows), the oldest idle one evicted beyond it.
+    http_header_timeout_s: float = Field(default=10.0, gt=0, le=3600)
+    http_body_timeout_s: float = Field(default=30.0, gt=0, le=3600)
+    http_max_connections: int = Field(default=4096, ge=1, le=1_000_000)
     cpu_allocation_ratio: float = Field(default=4.0, gt=0)
     placement_policy: Literal["spread", "pack"] = "spread"
     tdx_affinity_multiplier: float = Field(default=2.0, ge=0)

@@ -9,9 +9,15 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.db import is_unavailable
+
 PROBLEM_MEDIA_TYPE = "application/problem+json"
+# Seconds a client is asked to wait after a 503 database_unavailable.
+DATABASE_RETRY_AFTER_S = 2
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 log = logging.getLogger("tdx.errors")
 
 
@@ -45,6 +51,19 @@ def problem_response(
     }
     body.update(extra)
     return JSONResponse(body, status_code=status, media_type=PROBLEM_MEDIA_TYPE, headers=headers)
+
+
+def database_unavailable(method: str) -> JSONResponse:
+    """503 for a database that is down, stalled or locked; a write may or may not have happened."""
+    detail = "the database cannot be reached now; retry later"
+    if method.upper() not in _SAFE_METHODS:
+        detail = (
+            "the database cannot be reached now, so the outcome of this request is unknown (it may or may "
+            "not have been applied): retry it, with the same Idempotency-Key where the operation takes one"
+        )
+    return problem_response(
+        503, "database_unavailable", detail, headers={"Retry-After": str(DATABASE_RETRY_AFTER_S)}
+    )
 
 
 _HTTP_CODES = {
@@ -81,6 +100,8 @@ def install_error_handlers(app: FastAPI) -> None:
                 await current_principal(request)
             except ProblemError as auth_error:
                 return await _problem(request, auth_error)
+            except SQLAlchemyError as db_error:
+                return await _database(request, db_error)
         errors = [
             {"loc": _loc(err.get("loc", ())), "msg": str(err.get("msg", "")), "type": err.get("type")}
             for err in exc.errors()
@@ -89,6 +110,13 @@ def install_error_handlers(app: FastAPI) -> None:
         return problem_response(
             422, "validation_error", f"request is not valid: {fields}", errors=errors
         )
+
+    @app.exception_handler(SQLAlchemyError)
+    async def _database(request: Request, exc: SQLAlchemyError) -> JSONResponse:
+        if not is_unavailable(exc):
+            raise exc  # a bug: the generic handler answers 500
+        log.warning("database unavailable (%s %s): %s", request.method, request.url.path, exc)
+        return database_unavailable(request.method)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:

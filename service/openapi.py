@@ -71,7 +71,11 @@ PROBLEM_CODES: dict[str, tuple[tuple[int, ...], str]] = {
         "this token has as many event streams and waiting long-polls open on this replica as allowed "
         "(`limit`); close one, or retry after `Retry-After` seconds",
     ),
-    "database_unavailable": ((503,), "the database cannot be reached now; retry (see `Retry-After`)"),
+    "database_unavailable": (
+        (503,),
+        "the database is down, stalled or locked; retry after `Retry-After` seconds (a write's outcome is "
+        "unknown: retry it with the same `Idempotency-Key`)",
+    ),
     "quota_contended": ((503,), "the project's quota changed too fast to claim; retry"),
 }
 

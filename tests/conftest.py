@@ -93,6 +93,11 @@ def make_settings(database_url: str, **overrides: Any) -> Settings:
         "token_cache_ttl_s": 0,
         "log_requests": False,
         "sqlite_synchronous": "NORMAL",
+        # The CI machine is shared and often overloaded: tests not about outages must not see one
+        # (tests/test_outages.py sets small timeouts of its own).
+        "db_pool_timeout_s": 60,
+        "db_statement_timeout_s": 60,
+        "sqlite_busy_timeout_s": 30,
     }
     values.update(overrides)
     return Settings(**values)

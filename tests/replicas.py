@@ -38,6 +38,9 @@ def serve_replicas(token: str, count: int = 2, **settings: str) -> Iterator[list
         "TDX_ADMIN_TOKEN": token,
         "TDX_HEARTBEAT_TIMEOUT_S": "3600",
         "TDX_LOG_REQUESTS": "false",
+        # Storms on a shared, overloaded CI machine are not database outages.
+        "TDX_DB_POOL_TIMEOUT_S": "60",
+        "TDX_DB_STATEMENT_TIMEOUT_S": "60",
         **settings,
     }
     procs: list[subprocess.Popen[bytes]] = []
