@@ -7,8 +7,6 @@ import os
 import subprocess
 import sys
 import threading
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,7 +19,6 @@ from service.db import Database, make_engine
 from service.migrate import migrate
 from service.models import Base, Token
 from service.tokens import ensure_bootstrap_admin
-from tests.conftest import BACKENDS, POSTGRES_URL
 
 ROOT = Path(__file__).resolve().parent.parent
 TDX_SERVICE = ROOT / ".venv" / "bin" / "tdx-service"
@@ -46,24 +43,6 @@ def test_migrations_give_exactly_the_models_schema(database_url: str) -> None:
     finally:
         engine.dispose()
     assert set(Base.metadata.tables) | {"alembic_version"} == tables
-
-
-@pytest.fixture(params=BACKENDS)
-def fresh_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """An empty database: a new SQLite file, or a new PostgreSQL schema."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'fresh.db'}"
-        return
-    assert POSTGRES_URL
-    schema = f"mig_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    sep = "&" if "?" in POSTGRES_URL else "?"
-    yield f"{POSTGRES_URL}{sep}options=-csearch_path%3D{schema}"
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-    admin.dispose()
 
 
 def test_migrate_twice_in_process_is_a_no_op(fresh_url: str) -> None:

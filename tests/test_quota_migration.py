@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
-import pytest
 import sqlalchemy as sa
 from alembic import command
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine
 from sqlalchemy.orm import Session
 
 from service.migrate import alembic_config
@@ -18,28 +15,10 @@ from service.models import Project, Vm
 from service.projects import quota
 from service.scheduler.shape_memo import placement_class
 from service.vms.service import vm_request
-from tests.conftest import BACKENDS, POSTGRES_URL
 
 
-@pytest.fixture(params=BACKENDS)
-def empty_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'old.db'}"
-        return
-    assert POSTGRES_URL
-    schema = f"qmig_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    sep = "&" if "?" in POSTGRES_URL else "?"
-    yield f"{POSTGRES_URL}{sep}options=-csearch_path%3D{schema}"
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-    admin.dispose()
-
-
-def test_existing_vms_become_the_projects_usage(empty_url: str) -> None:
-    cfg = alembic_config(empty_url)
+def test_existing_vms_become_the_projects_usage(fresh_url: str) -> None:
+    cfg = alembic_config(fresh_url)
     command.upgrade(cfg, "0003_quotas-1")  # the schema just before the quotas migration
     now = datetime.now(UTC)
     when = sa.DateTime(timezone=True)
@@ -58,7 +37,7 @@ def test_existing_vms_become_the_projects_usage(empty_url: str) -> None:
         ("b", 1, 256, True, "lost", {}, None),
         ("c", 1, 256, False, "failed", {}, None),
     ]
-    engine = create_engine(empty_url)
+    engine = create_engine(fresh_url)
     try:
         with engine.begin() as conn:
             conn.execute(

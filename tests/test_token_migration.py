@@ -3,41 +3,20 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime
-from pathlib import Path
 
-import pytest
 import sqlalchemy as sa
 from alembic import command
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine
 from sqlalchemy.orm import Session
 
 from service.auth import hash_secret, lookup_token
 from service.migrate import alembic_config
 from service.models import Token
-from tests.conftest import BACKENDS, POSTGRES_URL
 
 
-@pytest.fixture(params=BACKENDS)
-def empty_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'old.db'}"
-        return
-    assert POSTGRES_URL
-    schema = f"tmig_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    sep = "&" if "?" in POSTGRES_URL else "?"
-    yield f"{POSTGRES_URL}{sep}options=-csearch_path%3D{schema}"
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-    admin.dispose()
-
-
-def test_existing_agent_tokens_are_bound_to_their_hosts_id(empty_url: str) -> None:
-    cfg = alembic_config(empty_url)
+def test_existing_agent_tokens_are_bound_to_their_hosts_id(fresh_url: str) -> None:
+    cfg = alembic_config(fresh_url)
     command.upgrade(cfg, "0004_fleet_policy")
     now = datetime.now(UTC)
     when = sa.DateTime(timezone=True)
@@ -54,7 +33,7 @@ def test_existing_agent_tokens_are_bound_to_their_hosts_id(empty_url: str) -> No
         sa.column("project"), sa.column("created_at", when), sa.column("revoked_at", when),
     )
     host_id = uuid.uuid4()
-    engine = create_engine(empty_url)
+    engine = create_engine(fresh_url)
     try:
         with engine.begin() as conn:
             conn.execute(sa.insert(hosts), [{
