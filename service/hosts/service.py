@@ -47,6 +47,7 @@ from service.hosts.schemas import (
 from service.models import Host, HostLabel, Load, Token
 from service.pagination import Page, encode_cursor
 from service.policy.versions import version_key
+from service.preconditions import parse_if_match, shown
 
 
 @dataclass(frozen=True, slots=True)
@@ -310,26 +311,13 @@ def list_hosts(
     return Page[HostOut](items=items, next=nxt)
 
 
-def parse_if_match(header: str | None) -> list[int] | None:
-    """``None`` when any version may be changed; else the generations the client accepts."""
-    if header is None or header.strip() == "*":
-        return None
-    accepted: list[int] = []
-    for part in header.split(","):
-        tag = part.strip().removeprefix("W/").strip('"')
-        if not tag.isdigit():
-            raise ProblemError(412, "precondition_failed", f"If-Match {part.strip()!r} matches no version")
-        accepted.append(int(tag))
-    return accepted
-
-
 def check_if_match(host: Host, header: str | None) -> None:
     accepted = parse_if_match(header)
     if accepted is not None and host.generation not in accepted:
         raise ProblemError(
             412,
             "precondition_failed",
-            f"host {host.name!r} is at generation {host.generation}, not {header}",
+            f"host {host.name!r} is at generation {host.generation}, not {shown(header)}",
             current_generation=host.generation,
         )
 
