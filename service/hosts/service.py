@@ -216,6 +216,19 @@ def register_hosts(session: Session, items: list[HostRegistration], default_cpu_
     """Register many hosts (each with an optional first load) in one transaction: the same rows
     and events as ``create_host`` then ``report_load`` per host, written with bulk statements.
     All or nothing: any refused host refuses the batch before anything is written."""
+    _refuse_taken(session, items)
+    try:
+        # A savepoint: a concurrent batch (another request, another replica) may commit one of these
+        # names or load ids between the check above and the insert. The unique index refuses the
+        # insert; the check, run again once its rows are visible, says which (409, not a 500).
+        with session.begin_nested():
+            return _insert_hosts(session, items, default_cpu_ratio)
+    except IntegrityError:
+        _refuse_taken(session, items)
+        raise
+
+
+def _refuse_taken(session: Session, items: list[HostRegistration]) -> None:
     names = Counter(item.name for item in items)
     taken = sorted(n for n, count in names.items() if count > 1)
     taken += session.scalars(select(Host.name).where(Host.name.in_(list(names)))).all()
@@ -230,6 +243,8 @@ def register_hosts(session: Session, items: list[HostRegistration], default_cpu_
     if reused:
         raise ProblemError(409, "load_id_conflict", f"load id(s) already used: {', '.join(reused[:20])}")
 
+
+def _insert_hosts(session: Session, items: list[HostRegistration], default_cpu_ratio: float) -> list[RegisteredHost]:
     now = utcnow()
     host_rows: list[dict[str, Any]] = []
     label_rows: list[dict[str, Any]] = []
