@@ -29,7 +29,7 @@ from service.fanout import StreamLimit
 from service.hosts.router import batch_router as hosts_batch_router
 from service.hosts.router import router as hosts_router
 from service.metrics import Metrics
-from service.middleware import BodyLimitMiddleware, RequestLogMiddleware
+from service.middleware import BodyLimitMiddleware, RequestLogMiddleware, UnhandledErrorMiddleware
 from service.models import Host, Vm
 from service.openapi import operation_id, problems, publish
 from service.operations import runner as operations_runner
@@ -226,5 +226,7 @@ def create_app(settings: Settings | None = None, db: Database | None = None) -> 
 
     publish(app)
     app.add_middleware(BodyLimitMiddleware)
+    # Inside the request log (which then logs the 500 and gives it its X-Request-ID).
+    app.add_middleware(UnhandledErrorMiddleware, handlers=app.exception_handlers)
     app.add_middleware(RequestLogMiddleware, metrics=ctx.metrics, enabled=settings.log_requests)
     return app

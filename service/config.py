@@ -8,6 +8,8 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.schemas import MAX_CPU_RATIO, MIN_CPU_RATIO
+
 # TDX_ADMIN_TOKEN is a password for everything: a short one is guessed. Generated tokens are 47.
 ADMIN_TOKEN_MIN_LENGTH = 32
 
@@ -39,7 +41,7 @@ class Settings(BaseSettings):
     http_header_timeout_s: float = Field(default=10.0, gt=0, le=3600)
     http_body_timeout_s: float = Field(default=30.0, gt=0, le=3600)
     http_max_connections: int = Field(default=4096, ge=1, le=1_000_000)
-    cpu_allocation_ratio: float = Field(default=4.0, gt=0)
+    cpu_allocation_ratio: float = Field(default=4.0, ge=MIN_CPU_RATIO, le=MAX_CPU_RATIO)
     placement_policy: Literal["spread", "pack"] = "spread"
     tdx_affinity_multiplier: float = Field(default=2.0, ge=0)
     schedule_timeout_s: int = Field(default=3600, ge=1)

@@ -1,15 +1,20 @@
-"""ASGI middleware: request ids and one structured log line per request; request body limit."""
+"""ASGI middleware: request ids and one structured log line per request; request body limit; 500s that
+keep the connection."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import re
 import time
 import uuid
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import problem_response
@@ -74,6 +79,47 @@ class BodyLimitMiddleware:
         await response(scope, receive, send)
 
 
+class UnhandledErrorMiddleware:
+    """An unexpected exception answers 500 with the app's handler, and the connection stays usable.
+
+    Starlette's outermost ServerErrorMiddleware sends the handler's 500 and then re-raises (for the
+    server to log); uvicorn, seeing an exception after a complete response, closes the connection
+    without ``Connection: close``, so a client's next request on that keep-alive connection failed.
+    This middleware, inside it, answers and does not re-raise: the handler logged the error. Only an
+    exception after the response started (a stream cut short) still propagates, and the server
+    closes the connection, which is right for a truncated response.
+    """
+
+    def __init__(
+        self, app: ASGIApp, handlers: Mapping[Any, Callable[[Request, Any], Response | Awaitable[Response]]]
+    ) -> None:
+        self.app = app
+        self.handlers = handlers  # the app's exception handlers, read at each error
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:
+            handler = self.handlers.get(Exception) or self.handlers.get(500)
+            if started or handler is None:
+                raise
+            response = handler(Request(scope), exc)
+            if inspect.isawaitable(response):
+                response = await response
+            await response(scope, receive, send)
+
+
 class RequestLogMiddleware:
     def __init__(self, app: ASGIApp, metrics: Metrics, enabled: bool = True) -> None:
         self.app = app
@@ -88,7 +134,7 @@ class RequestLogMiddleware:
         for name, value in scope["headers"]:
             if name == b"x-request-id":
                 candidate = value.decode("latin-1")
-                if _REQUEST_ID.match(candidate):
+                if _REQUEST_ID.fullmatch(candidate):
                     request_id = candidate
                 break
         if not request_id:

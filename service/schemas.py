@@ -35,9 +35,15 @@ LABEL_VALUE = re.compile(LABEL_VALUE_PATTERN)
 
 Name = Annotated[StrictStr, StringConstraints(pattern=DNS_LABEL, min_length=1, max_length=63)]
 
-# Free text a person reads (descriptions, kernel log lines, details): no control characters but
+# Free text a person reads (kernel log lines, a VM's status detail): no control characters but
 # tab, newline and carriage return. NUL in particular: PostgreSQL cannot store it in text.
 TEXT_PATTERN = r"^[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f]*$"
+# One line a person reads (a description, a kernel release, a version, a header value): no control
+# characters at all. Patterns are whole-string matches (pydantic's regex engine, and JSON Schema's,
+# anchor "$" at the very end; Python's re is used with fullmatch, since its "$" also matches before
+# a final newline).
+LINE_PATTERN = r"^[^\x00-\x1f\x7f]*$"
+
 
 
 def _check_labels(labels: dict[str, str]) -> dict[str, str]:
@@ -84,3 +90,10 @@ class StrictModel(BaseModel):
 
 
 Flag = StrictBool
+
+# A host's vCPU over-commit (cpu_allocation_ratio, TDX_CPU_ALLOCATION_RATIO). Below 0.1 a host would
+# offer under a tenth of its CPUs, which reserved_vcpus or schedulable: false say plainly; values
+# such as 5e-324 are typing accidents that silently make a host unusable. 64 is far beyond any sane
+# over-commit (TDs are usually not over-committed at all).
+MIN_CPU_RATIO = 0.1
+MAX_CPU_RATIO = 64.0

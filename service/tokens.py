@@ -18,12 +18,12 @@ from service.errors import ProblemError, not_found
 from service.models import Host, Token
 from service.openapi import problems, roles
 from service.pagination import Page, PageParams, encode_cursor
-from service.schemas import TEXT_PATTERN, Name, StrictModel
+from service.schemas import LINE_PATTERN, Name, StrictModel
 
 BOOTSTRAP_ADMIN_LOCK = 0x7464_7861_646D  # "tdxadm": serializes first-start admin minting on PostgreSQL
 
 
-Description = Annotated[str, StringConstraints(max_length=255, pattern=TEXT_PATTERN)] | None
+Description = Annotated[str, StringConstraints(max_length=255, pattern=LINE_PATTERN)] | None
 
 
 # One body per role, told apart by `role`: the schema itself says which binding each role takes
@@ -163,7 +163,7 @@ async def list_tokens(
     request: Request, page: PageParams = Depends(), principal: Principal = Depends(current_principal)
 ) -> Page[TokenOut]:
     principal.require("admin")
-    after = page.after()
+    after = page.after_uuid()
 
     def _list(s: Session) -> Page[TokenOut]:
         query = select(Token)

@@ -3,11 +3,21 @@ time, all or nothing."""
 
 from __future__ import annotations
 
+import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import httpx
 import pytest
+from sqlalchemy import Engine, text
+from sqlalchemy.orm import Session
 
-from tests.conftest import Api, load_body
+from service.app import create_app
+from service.db import make_engine
+from service.hosts import service as hosts_service
+from service.hosts.schemas import HostCreate, LoadReport
+from tests.conftest import ADMIN_TOKEN, Api, load_body, make_settings
+from tests.helpers import live_server
 
 VOLATILE = {"id", "created_at", "updated_at", "last_heartbeat_at"}
 
@@ -89,3 +99,71 @@ def test_only_admins_register_in_bulk(api: Api) -> None:
     r = api.client.post("/v1/hosts:batch", json={"hosts": [{"name": "x", "vcpus": 1, "memory_mib": 1}]},
                         headers=reader)
     assert r.status_code == 403
+
+
+# ---- concurrent batches ------------------------------------------------------------------------
+
+def _pg_backends_waiting_on_a_lock(engine: Engine) -> int:
+    with engine.connect() as conn:
+        return int(conn.execute(text(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
+        )).scalar_one())
+
+
+@pytest.mark.parametrize("conflict", ["name", "load_id"])
+def test_a_batch_that_loses_a_race_for_a_name_or_load_id_is_409(database_url: str, conflict: str) -> None:
+    """Another transaction registers a name (or a load id) of the batch between the batch's check and
+    its insert; the unique index refuses the insert: 409 with what was taken, never a 500. On
+    PostgreSQL the interleaving is forced: the batch's insert waits on the other's uncommitted row."""
+    app = create_app(make_settings(database_url))
+    engine = make_engine(database_url)
+    rival = load_body()
+    batch = [
+        {"name": "fresh", "vcpus": 1, "memory_mib": 1},
+        {"name": "contested" if conflict == "name" else "other", "vcpus": 1, "memory_mib": 1, "load": rival},
+    ]
+    try:
+        with live_server(app) as base, httpx.Client(base_url=base, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+                                                    timeout=60) as http, ThreadPoolExecutor(1) as pool:
+            with Session(engine) as session:
+                host = hosts_service.create_host(session, HostCreate(name="contested", vcpus=1, memory_mib=1), 4.0)
+                if conflict == "load_id":
+                    session.flush()
+                    hosts_service.report_load(session, host.name, LoadReport.model_validate(rival))
+                session.flush()  # uncommitted: the batch's check does not see it
+                reply = pool.submit(http.post, "/v1/hosts:batch", json={"hosts": batch})
+                if engine.dialect.name == "postgresql":
+                    deadline = time.monotonic() + 30
+                    while _pg_backends_waiting_on_a_lock(engine) == 0:
+                        assert not reply.done(), reply.result().text
+                        assert time.monotonic() < deadline, "the batch never waited on the rival's row"
+                        time.sleep(0.01)
+                session.commit()
+            r = reply.result()
+            expected = ("host_name_taken", ["contested"]) if conflict == "name" else ("load_id_conflict", None)
+            assert (r.status_code, r.json()["code"], r.json().get("names")) == (409, *expected), r.text
+            names = [h["name"] for h in http.get("/v1/hosts").json()["items"]]
+            assert names == ["contested"]
+    finally:
+        engine.dispose()
+
+
+def test_concurrent_batches_with_overlapping_names_are_201_or_409(database_url: str) -> None:
+    """Batches of overlapping names from several clients at once: each is registered whole or
+    refused whole (409), never a 500, and every name is registered once."""
+    app = create_app(make_settings(database_url))
+    batches = [[f"h{(start + i) % 12}" for i in range(4)] for start in range(0, 12, 2)] * 2
+
+    def post(names: list[str]) -> tuple[int, list[str]]:
+        with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=60) as http:
+            r = http.post("/v1/hosts:batch", json={"hosts": [{"name": n, "vcpus": 1, "memory_mib": 1} for n in names]})
+            return r.status_code, names
+
+    with live_server(app) as base:
+        with ThreadPoolExecutor(len(batches)) as pool:
+            results = list(pool.map(post, batches))
+        with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as http:
+            registered = [h["name"] for h in http.get("/v1/hosts", params={"limit": 500}).json()["items"]]
+    assert {status for status, _ in results} <= {201, 409}, results
+    won = [names for status, names in results if status == 201]
+    assert sorted(n for names in won for n in names) == sorted(registered)

@@ -27,7 +27,7 @@ from service.hosts.schemas import (
 from service.openapi import problems, roles
 from service.pagination import Page, PageParams
 from service.policy.versions import VERSION_PATTERN, version_key
-from service.schemas import LABEL_KEY_PATTERN, LABEL_VALUE_PATTERN, Name
+from service.schemas import LABEL_KEY_MAX, LABEL_KEY_PATTERN, LABEL_VALUE_PATTERN, Name
 
 # label=key=value, both parts as in a host's labels (hosts without the label do not match).
 LabelFilter = Annotated[
@@ -46,10 +46,10 @@ def _parse_label_filters(raw: list[str] | None) -> tuple[tuple[str, str], ...]:
     pairs = []
     for item in raw or []:
         key, sep, value = item.partition("=")
-        if not sep or not key:
+        if not sep or not key or len(key) > LABEL_KEY_MAX:
             raise ProblemError(
-                422, "validation_error", f"label filter {item!r} must be key=value",
-                errors=[{"loc": ["query", "label"], "msg": "expected key=value"}],
+                422, "validation_error", f"label filter {item[:80]!r} must be key=value",
+                errors=[{"loc": ["query", "label"], "msg": f"expected key=value, a key of <= {LABEL_KEY_MAX} chars"}],
             )
         pairs.append((key, value))
     return tuple(pairs)
@@ -106,9 +106,7 @@ async def list_hosts(
     filters = service.HostFilters(
         tdx_state=tdx_state, schedulable=schedulable, labels=_parse_label_filters(label), tdx_module_below=below
     )
-    after = page.after()
-    if after is not None and not isinstance(after, str):
-        raise ProblemError(400, "invalid_cursor", "cursor is not one this server issued")
+    after = page.after_name()
     return await ctx.db.run(
         lambda s: service.list_hosts(s, filters, after, page.limit, ctx.settings.heartbeat_timeout_s), write=False
     )
@@ -243,9 +241,7 @@ async def list_loads(
         principal.require_agent_of(name)
     else:
         principal.require("admin", "reader")
-    after = page.after()
-    if after is not None and not isinstance(after, int):
-        raise ProblemError(400, "invalid_cursor", "cursor is not one this server issued")
+    after = page.after_seq()
     return await get_context(request).db.run(lambda s: service.list_loads(s, name, after, page.limit), write=False)
 
 

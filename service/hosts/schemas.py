@@ -10,10 +10,31 @@ from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, Strin
 from pydantic.json_schema import SkipJsonSchema
 
 from service.hosts.readiness import KernelLog, TdxState
-from service.schemas import TEXT_PATTERN, Count, Flag, IntegralFloat, Labels, MiB, Name, PositiveCount, StrictModel
+from service.schemas import (
+    LINE_PATTERN,
+    MAX_CPU_RATIO,
+    MIN_CPU_RATIO,
+    TEXT_PATTERN,
+    Count,
+    Flag,
+    IntegralFloat,
+    Labels,
+    MiB,
+    Name,
+    PositiveCount,
+    StrictModel,
+)
 
-# Strict: the string "4" is refused (an integer such as 4 is a number, and accepted).
-Ratio = Annotated[StrictFloat, Field(gt=0, le=64)]
+# Strict: a JSON number (4 or 4.0), never the string "4"; within MIN_CPU_RATIO..MAX_CPU_RATIO.
+Ratio = Annotated[
+    StrictFloat,
+    Field(
+        ge=MIN_CPU_RATIO,
+        le=MAX_CPU_RATIO,
+        description="vCPU over-commit: the host offers (vcpus - reserved_vcpus) x this many vCPUs; "
+        f"a JSON number from {MIN_CPU_RATIO} to {MAX_CPU_RATIO:g} (a new host without one: TDX_CPU_ALLOCATION_RATIO)",
+    ),
+]
 
 
 HOST_EXAMPLE: dict[str, Any] = {"name": "node-1", "vcpus": 64, "memory_mib": 262144, "labels": {"zone": "a"}}
@@ -70,7 +91,7 @@ class HostPatch(StrictModel):
 
 LogLine = Annotated[str, StringConstraints(max_length=2000, pattern=TEXT_PATTERN)]
 BootId = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9-]+$")]
-ModuleVersion = Annotated[str, StringConstraints(max_length=64, pattern=TEXT_PATTERN)]
+ModuleVersion = Annotated[str, StringConstraints(max_length=64, pattern=LINE_PATTERN)]
 VmmTdx = Literal["supported", "unsupported", "unknown"]
 
 
@@ -100,7 +121,7 @@ class LoadReport(StrictModel):
 
     load_id: uuid.UUID
     boot_id: BootId
-    kernel: Annotated[str, StringConstraints(min_length=1, max_length=255, pattern=TEXT_PATTERN)]
+    kernel: Annotated[str, StringConstraints(min_length=1, max_length=255, pattern=LINE_PATTERN)]
     kvm_intel_loaded: Flag
     tdx_platform: Flag
     tdx_requested: Flag
@@ -144,7 +165,7 @@ class Heartbeat(StrictModel):
     attestation_ready: Flag | None = None
     # The VMM's TDX support (QEMU version, libvirt domain capabilities) and what it was seen from.
     vmm_tdx: VmmTdx | None = None
-    vmm_detail: Annotated[str, StringConstraints(max_length=255)] | None = None
+    vmm_detail: Annotated[str, StringConstraints(max_length=255, pattern=LINE_PATTERN)] | None = None
 
 
 class TdxOut(BaseModel):

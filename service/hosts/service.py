@@ -47,6 +47,7 @@ from service.hosts.schemas import (
 from service.models import Host, HostLabel, Load, Token
 from service.pagination import Page, encode_cursor
 from service.policy.versions import version_key
+from service.preconditions import parse_if_match, shown
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,6 +216,19 @@ def register_hosts(session: Session, items: list[HostRegistration], default_cpu_
     """Register many hosts (each with an optional first load) in one transaction: the same rows
     and events as ``create_host`` then ``report_load`` per host, written with bulk statements.
     All or nothing: any refused host refuses the batch before anything is written."""
+    _refuse_taken(session, items)
+    try:
+        # A savepoint: a concurrent batch (another request, another replica) may commit one of these
+        # names or load ids between the check above and the insert. The unique index refuses the
+        # insert; the check, run again once its rows are visible, says which (409, not a 500).
+        with session.begin_nested():
+            return _insert_hosts(session, items, default_cpu_ratio)
+    except IntegrityError:
+        _refuse_taken(session, items)
+        raise
+
+
+def _refuse_taken(session: Session, items: list[HostRegistration]) -> None:
     names = Counter(item.name for item in items)
     taken = sorted(n for n, count in names.items() if count > 1)
     taken += session.scalars(select(Host.name).where(Host.name.in_(list(names)))).all()
@@ -229,6 +243,8 @@ def register_hosts(session: Session, items: list[HostRegistration], default_cpu_
     if reused:
         raise ProblemError(409, "load_id_conflict", f"load id(s) already used: {', '.join(reused[:20])}")
 
+
+def _insert_hosts(session: Session, items: list[HostRegistration], default_cpu_ratio: float) -> list[RegisteredHost]:
     now = utcnow()
     host_rows: list[dict[str, Any]] = []
     label_rows: list[dict[str, Any]] = []
@@ -310,26 +326,13 @@ def list_hosts(
     return Page[HostOut](items=items, next=nxt)
 
 
-def parse_if_match(header: str | None) -> list[int] | None:
-    """``None`` when any version may be changed; else the generations the client accepts."""
-    if header is None or header.strip() == "*":
-        return None
-    accepted: list[int] = []
-    for part in header.split(","):
-        tag = part.strip().removeprefix("W/").strip('"')
-        if not tag.isdigit():
-            raise ProblemError(412, "precondition_failed", f"If-Match {part.strip()!r} matches no version")
-        accepted.append(int(tag))
-    return accepted
-
-
 def check_if_match(host: Host, header: str | None) -> None:
     accepted = parse_if_match(header)
     if accepted is not None and host.generation not in accepted:
         raise ProblemError(
             412,
             "precondition_failed",
-            f"host {host.name!r} is at generation {host.generation}, not {header}",
+            f"host {host.name!r} is at generation {host.generation}, not {shown(header)}",
             current_generation=host.generation,
         )
 

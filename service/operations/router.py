@@ -8,7 +8,6 @@ from fastapi import APIRouter, Body, Depends, Query, Request, Response
 
 from service.auth import Principal, current_principal
 from service.context import get_context
-from service.errors import ProblemError
 from service.openapi import problems, roles
 from service.operations import service
 from service.operations.schemas import OperationOut, OperationStatus, OptInStart
@@ -58,9 +57,7 @@ async def list_operations(
 ) -> Page[OperationOut]:
     """Operations, newest first."""
     principal.require("admin", "reader")
-    after = page.after()
-    if after is not None and not isinstance(after, str):
-        raise ProblemError(400, "invalid_cursor", "cursor is not one this server issued")
+    after = page.after_uuid()
     return await get_context(request).db.run(
         lambda s: service.list_operations(s, status, host, after, page.limit), write=False
     )

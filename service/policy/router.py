@@ -6,10 +6,10 @@ from fastapi import APIRouter, Depends, Header, Request, Response
 
 from service.auth import Principal, current_principal
 from service.context import get_context
-from service.hosts.service import parse_if_match
 from service.openapi import problems, roles
 from service.policy import service
 from service.policy.schemas import PolicyOut, PolicyUpdate
+from service.preconditions import parse_if_match
 
 router = APIRouter(prefix="/v1/policy", tags=["policy"])
 

@@ -20,7 +20,7 @@ def version_key(version: str | None) -> str | None:
     if version is None:
         return None
     text = version.strip()
-    if not _VERSION.match(text):
+    if not _VERSION.fullmatch(text):
         return None
     numbers = [int(p) for p in text.split(".")]
     while len(numbers) > 1 and numbers[-1] == 0:

@@ -6,7 +6,6 @@ from fastapi import APIRouter, Depends, Header, Request, Response
 
 from service.auth import Principal, current_principal
 from service.context import get_context
-from service.errors import ProblemError
 from service.openapi import problems, roles
 from service.pagination import Page, PageParams
 from service.projects import service
@@ -30,9 +29,7 @@ async def list_projects(
     request: Request, page: PageParams = Depends(), principal: Principal = Depends(current_principal)
 ) -> Page[QuotaOut]:
     principal.require("admin", "reader")
-    after = page.after()
-    if after is not None and not isinstance(after, str):
-        raise ProblemError(400, "invalid_cursor", "cursor is not one this server issued")
+    after = page.after_name()
     return await get_context(request).db.run(lambda s: service.list_projects(s, after, page.limit), write=False)
 
 

@@ -9,9 +9,9 @@ from service.auth import Principal
 from service.clock import utcnow
 from service.errors import ProblemError
 from service.events import emit
-from service.hosts.service import parse_if_match
 from service.models import Project
 from service.pagination import Page, encode_cursor
+from service.preconditions import parse_if_match, shown
 from service.projects import quota
 from service.projects.schemas import LimitsOut, QuotaLimits, QuotaOut, QuotaUsageOut
 
@@ -51,7 +51,7 @@ def set_quota(session: Session, project: str, body: QuotaLimits, if_match: str |
         raise ProblemError(
             412,
             "precondition_failed",
-            f"project {project!r}'s quota is at generation {current}, not {if_match}",
+            f"project {project!r}'s quota is at generation {current}, not {shown(if_match)}",
             current_generation=current,
         )
     wanted = (body.vms, body.vcpus, body.memory_mib, body.tdx_vms)

@@ -11,26 +11,21 @@ from sqlalchemy.orm import Session
 
 from service.auth import Principal, current_principal
 from service.context import AppContext, get_context
-from service.errors import ProblemError
 from service.models import ACTIVE_VM_STATUSES
 from service.openapi import problems, roles
 from service.pagination import Page, PageParams
 from service.scheduler.engine import CLAIMED, IN_FLIGHT
-from service.schemas import Name
+from service.schemas import LINE_PATTERN, Name
 from service.vms import service
 from service.vms.lifecycle import VmStatus
 from service.vms.schemas import VmCreate, VmOut, VmStatusReport
 
 router = APIRouter(tags=["vms"])
 
-IdempotencyKeyHeader = Annotated[str | None, Header(alias="Idempotency-Key", min_length=1, max_length=255)]
-
-
-def _cursor(page: PageParams) -> str | None:
-    after = page.after()
-    if after is not None and not isinstance(after, str):
-        raise ProblemError(400, "invalid_cursor", "cursor is not one this server issued")
-    return after
+# One line of printable characters: a NUL would reach the database (a 500 on PostgreSQL).
+IdempotencyKeyHeader = Annotated[
+    str | None, Header(alias="Idempotency-Key", min_length=1, max_length=255, pattern=LINE_PATTERN)
+]
 
 
 @router.post(
@@ -105,7 +100,7 @@ async def list_vms(
         project = principal.project
     statuses = tuple(dict.fromkeys(status)) if status else None
     filters = service.VmFilters(statuses=statuses, host=host, project=project, tdx=tdx)
-    after = _cursor(page)
+    after = page.after_uuid()
     return await get_context(request).db.run(
         lambda s: service.list_vms(s, filters, after, page.limit), write=False
     )
@@ -172,7 +167,7 @@ async def host_vms(
     else:
         principal.require("admin", "reader")
     statuses = tuple(s.value for s in status) if status else ACTIVE_VM_STATUSES
-    after = _cursor(page)
+    after = page.after_uuid()
     return await get_context(request).db.run(
         lambda s: service.host_vms(s, name, statuses, after, page.limit), write=False
     )
